@@ -1,0 +1,36 @@
+"""Typed errors. Every error a user can fix is one of these: one line that says what, where, how to fix.
+
+The CLI turns any ``QkvError`` into that line on stderr and exit code 2 — never a traceback.
+"""
+
+
+class QkvError(Exception):
+    """Base class of every error qkv raises on purpose."""
+
+
+class ConfigError(QkvError, ValueError):
+    """A configuration value is missing, of the wrong type, or out of range."""
+
+
+class ModelFormatError(QkvError, ValueError):
+    """A weights file (GGUF, safetensors, HF directory) is malformed or unsupported."""
+
+
+class TokenizerError(QkvError, ValueError):
+    """A tokenizer definition is malformed, or text cannot be tokenized."""
+
+
+class TemplateError(QkvError, ValueError):
+    """A chat template failed to compile, render, or broke the sandbox's limits."""
+
+
+class CheckpointError(QkvError, ValueError):
+    """A training checkpoint is missing, corrupt, or from another configuration."""
+
+
+class InputError(QkvError, ValueError):
+    """User input (text, matrices, options) is invalid."""
+
+
+class ShapeError(QkvError, ValueError):
+    """Tensor arguments have incompatible shapes, dtypes, or devices."""
