@@ -229,6 +229,7 @@ def _tiled_rows(q5, k, v, mask4, causal, window, scale, dropout_p, geom, block_k
     m = torch.full((b, kh, g, bq, 1), float("-inf"), dtype=dt, device=q5.device)  # running max
     l = torch.zeros((b, kh, g, bq, 1), dtype=dt, device=q5.device)  # running sum of exp
     acc = torch.zeros((b, kh, g, bq, v.shape[-1]), dtype=dt, device=q5.device)  # running weighted sum
+    grad = torch.is_grad_enabled() and (q5.requires_grad or k.requires_grad or v.requires_grad)
     lo, hi = _key_range(q0, q0 + bq, t, s, causal, window)
     for k0 in range(lo, hi, block_k):
         k1 = min(k0 + block_k, hi)
@@ -240,12 +241,16 @@ def _tiled_rows(q5, k, v, mask4, causal, window, scale, dropout_p, geom, block_k
             sc = sc.masked_fill(~blk, float("-inf")) if blk.dtype == torch.bool else sc + blk.to(dt)
         m_new = torch.maximum(m, sc.amax(dim=-1, keepdim=True))
         m_safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
-        p = torch.exp(sc - m_safe)  # (B, K, G, Tb, Sb)
         corr = torch.exp(m - m_safe)  # rescales what was accumulated under the old max
+        if grad:
+            p = torch.exp(sc - m_safe)  # (B, K, G, Tb, Sb)
+        else:  # inference: in place, the score block is the one big allocation
+            p = sc.sub_(m_safe).exp_()
         l = l * corr + p.sum(dim=-1, keepdim=True)
         if dropout_p > 0:
             p = F.dropout(p, p=dropout_p)
-        acc = acc * corr + torch.matmul(p, vb)
+        pv = torch.matmul(p, vb)  # (B, K, G, Tb, Dv)
+        acc = acc * corr + pv if grad else acc.mul_(corr).add_(pv)
         m = m_new
     out = acc / torch.where(l > 0, l, torch.ones_like(l))  # fully masked rows: acc = 0 -> out = 0
     m_fin = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
@@ -254,15 +259,30 @@ def _tiled_rows(q5, k, v, mask4, causal, window, scale, dropout_p, geom, block_k
 
 
 def _block_mask(mask4, causal, window, q0, bq, k0, k1, t, s, device, bkg):
-    """The (B, K, G, Tb, Sb)-broadcastable mask of one block, built only for that block."""
-    blk = structural_mask(t, s, causal=causal, window=window, device=device,
-                          q_start=q0, k_start=k0, q_len=bq, k_len=k1 - k0)
+    """The (B, K, G, Tb, Sb)-broadcastable mask of one block, built only for that block (None if open)."""
+    blk = None
+    if not _block_open(causal, window, q0, bq, k0, k1, t, s):
+        blk = structural_mask(t, s, causal=causal, window=window, device=device,
+                              q_start=q0, k_start=k0, q_len=bq, k_len=k1 - k0)
     user = None
     if mask4 is not None:
         b, kh, g = bkg
         user = mask4[:, :, q0:q0 + bq, k0:k1]
         user = user.reshape(user.shape[0], kh, g, bq, k1 - k0) if user.shape[1] != 1 else user.unsqueeze(2)
     return combine(user, blk)
+
+
+def _block_open(causal, window, q0, bq, k0, k1, t, s) -> bool:
+    """True when every query of the block sees every key of the block under causal/window."""
+    first, last = s - t + q0, s - t + q0 + bq - 1  # absolute positions of the first and last query
+    if causal and k1 - 1 > first:
+        return False
+    if window is not None:
+        if k0 <= last - window:
+            return False
+        if not causal and k1 - 1 >= first + window:
+            return False
+    return True
 
 
 def attention_rows(

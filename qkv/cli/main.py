@@ -1,0 +1,51 @@
+"""The ``qkv`` command: one module per subcommand, each with add_arguments(parser) and run(args).
+
+Errors a user can fix (every ``QkvError``) print one line — ``qkv: error: …`` — and exit with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from ..errors import QkvError
+
+SUBCOMMANDS = {
+    "byhand": "self-attention by hand: every number of one head (or two), exact and approximated",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
+    parser = argparse.ArgumentParser(prog="qkv", description="qkv — run, trust and see the attention mechanism.")
+    parser.add_argument("--version", action="version", version=f"qkv {__version__}")
+    subs = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, help_text in SUBCOMMANDS.items():
+        module = importlib.import_module(f"qkv.cli.{name}")
+        sub = subs.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(sub)
+        sub.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        code = args._run(args)
+        sys.stdout.flush()
+        return int(code or 0)
+    except QkvError as e:
+        print(f"qkv: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("qkv: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        sys.stderr.close()  # the reader went away (e.g. `| head`): nothing more to say
+        return 0
