@@ -133,12 +133,17 @@ class MultiHeadAttention(nn.Module):
         return proj(x).view(b, t, n, self.head_dim).transpose(1, 2)  # (B, T, n·D) -> (B, n, T, D)
 
     def forward(self, x, context=None, *, mask=None, causal: bool = False, cache: KVCache | None = None,
-                positions: torch.Tensor | None = None, return_weights: bool = False, impl: str = "auto"):
+                positions: torch.Tensor | None = None, return_weights: bool = False, impl: str = "auto",
+                observer=None):
         """x (B, T, C) [, context (B, S, C_ctx)] -> (B, T, C) [, weights (B, H, T, S_total)].
 
         With ``cache`` in self-attention, the new keys are appended and queries see all cached ones
         (positions continue from ``cache.offset``). In cross-attention the cache stores the context's
         keys/values the first time and reuses them afterwards (pass ``context`` only on that call).
+
+        ``observer(q, k, mask=..., causal=...)``, if given, sees the queries and keys exactly as the
+        core gets them (after RoPE, with the whole cache) — how qkv.explain rebuilds weight rows
+        without changing the path the model computes on.
         """
         x, squeeze = _batched(x, "x")
         q = self._heads(x, self.q_proj, self.n_heads)  # (B, H, T, D)
@@ -146,6 +151,8 @@ class MultiHeadAttention(nn.Module):
             q, k, v = self._self_qkv(x, q, cache, positions)
         else:
             k, v = self._cross_kv(context, cache)
+        if observer is not None:
+            observer(q, k, mask=mask, causal=causal)
         res = attention(q, k, v, mask=mask, causal=causal, dropout_p=self.dropout if self.training else 0.0,
                         return_weights=return_weights, impl=impl)
         out, weights = (res if return_weights else (res, None))

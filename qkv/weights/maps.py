@@ -1,0 +1,77 @@
+"""Name and config maps between file formats and qkv's (Hugging Face) names — data, not code paths."""
+
+from __future__ import annotations
+
+import re
+
+from ..errors import ModelFormatError
+
+# GGUF tensor name -> Hugging Face parameter name; {i} is the layer index.
+GGUF_LLAMA_TENSORS: dict[str, str] = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "blk.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
+    "blk.{i}.attn_q.weight": "model.layers.{i}.self_attn.q_proj.weight",
+    "blk.{i}.attn_k.weight": "model.layers.{i}.self_attn.k_proj.weight",
+    "blk.{i}.attn_v.weight": "model.layers.{i}.self_attn.v_proj.weight",
+    "blk.{i}.attn_output.weight": "model.layers.{i}.self_attn.o_proj.weight",
+    "blk.{i}.attn_q.bias": "model.layers.{i}.self_attn.q_proj.bias",
+    "blk.{i}.attn_k.bias": "model.layers.{i}.self_attn.k_proj.bias",
+    "blk.{i}.attn_v.bias": "model.layers.{i}.self_attn.v_proj.bias",
+    "blk.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
+    "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
+    "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
+}
+# tensors whose rows GGUF stores for interleaved RoPE; value: the config field with their head count
+GGUF_ROPE_PERMUTED = {"self_attn.q_proj": "num_attention_heads", "self_attn.k_proj": "num_key_value_heads"}
+# tensors llama.cpp writes that carry no weights of ours
+GGUF_IGNORED = ("rope_freqs.weight",)
+
+# GGUF metadata key (with {arch}) -> HF config.json key
+GGUF_LLAMA_CONFIG: dict[str, str] = {
+    "{arch}.context_length": "max_position_embeddings",
+    "{arch}.embedding_length": "hidden_size",
+    "{arch}.feed_forward_length": "intermediate_size",
+    "{arch}.block_count": "num_hidden_layers",
+    "{arch}.attention.head_count": "num_attention_heads",
+    "{arch}.attention.head_count_kv": "num_key_value_heads",
+    "{arch}.attention.key_length": "head_dim",
+    "{arch}.attention.layer_norm_rms_epsilon": "rms_norm_eps",
+    "{arch}.rope.freq_base": "rope_theta",
+    "{arch}.vocab_size": "vocab_size",
+    "tokenizer.ggml.bos_token_id": "bos_token_id",
+    "tokenizer.ggml.eos_token_id": "eos_token_id",
+}
+GGUF_LLAMA_ARCHS = ("llama",)
+
+
+def _patterns(table: dict[str, str]) -> list[tuple[re.Pattern, str]]:
+    return [(re.compile("^" + re.escape(k).replace(r"\{i\}", r"(\d+)") + "$"), v) for k, v in table.items()]
+
+
+_GGUF_PATTERNS = _patterns(GGUF_LLAMA_TENSORS)
+
+
+def gguf_to_hf_name(name: str, *, source: str) -> str:
+    """Map one GGUF tensor name; an unknown name is a ModelFormatError naming it."""
+    for pat, target in _GGUF_PATTERNS:
+        m = pat.match(name)
+        if m:
+            return target.replace("{i}", m.group(1)) if m.groups() else target
+    raise ModelFormatError(f"{source}: unexpected tensor {name!r} for a llama model")
+
+
+def gguf_llama_config(metadata: dict, *, source: str) -> dict:
+    """HF-style config dict from GGUF metadata (validation happens in LlamaConfig)."""
+    arch = metadata.get("general.architecture")
+    if arch not in GGUF_LLAMA_ARCHS:
+        raise ModelFormatError(f"{source}: general.architecture is {arch!r}; qkv runs {', '.join(GGUF_LLAMA_ARCHS)} "
+                               "GGUF models")
+    d = {hf: metadata[k.replace("{arch}", arch)] for k, hf in GGUF_LLAMA_CONFIG.items()
+         if k.replace("{arch}", arch) in metadata}
+    if "vocab_size" not in d and isinstance(metadata.get("tokenizer.ggml.tokens"), list):
+        d["vocab_size"] = len(metadata["tokenizer.ggml.tokens"])
+    d["name"] = str(metadata.get("general.name") or arch)
+    return d
