@@ -13,6 +13,9 @@ from ..errors import QkvError
 
 SUBCOMMANDS = {
     "byhand": "self-attention by hand: every number of one head (or two), exact and approximated",
+    "generate": "continue a prompt (or answer one chat message) with a language model, streaming",
+    "chat": "a multi-turn conversation with a language model",
+    "info": "architecture, sizes, quantisation, context, tokenizer and chat template of a model",
 }
 
 

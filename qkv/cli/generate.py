@@ -1,0 +1,38 @@
+"""``qkv generate`` — stream a continuation (or a chat reply) to standard output."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import InputError
+from .common import add_model_arguments, add_sampling_arguments, load_model, sampling_kwargs
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt", help="the text to continue (with --chat: your message); - reads standard input")
+    add_model_arguments(p)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the model's chat template")
+    p.add_argument("--system", help="a system message (with --chat)")
+    p.add_argument("--show-template", action="store_true", help="print the rendered chat prompt and its template hash "
+                   "to standard error first")
+    add_sampling_arguments(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..generate import generate, prompt_ids
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not prompt:
+        raise InputError("the prompt is empty: give some text")
+    loaded = load_model(args)
+    ids = prompt_ids(loaded, prompt, chat=args.chat, system=args.system)
+    if args.show_template and loaded.chat_template is not None:
+        print(f"[template sha256 {loaded.chat_template.sha256[:16]}]", file=sys.stderr)
+        print(loaded.tokenizer.decode(ids), file=sys.stderr)
+    out = sys.stdout
+    for piece in generate(loaded, prompt, ids=ids, **sampling_kwargs(args)):
+        out.write(piece.text)
+        out.flush()
+    out.write("\n")
+    return 0
