@@ -1,0 +1,1 @@
+"""Tests of qkv.text: tokenizer and chat templates."""
