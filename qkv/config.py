@@ -53,6 +53,7 @@ class LlamaConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_scaling: Llama3Scaling | None = None
+    rope_freq_factors: tuple[float, ...] | None = None  # GGUF rope_freqs: each frequency divided by its factor
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     mlp_bias: bool = False
@@ -83,6 +84,14 @@ class LlamaConfig:
         _pos_float("rms_norm_eps", self.rms_norm_eps, w)
         if _pos_float("rope_theta", self.rope_theta, w) <= 1:
             raise ConfigError(f"{w}: rope_theta must be > 1, got {self.rope_theta}")
+        if self.rope_freq_factors is not None:
+            if not isinstance(self.rope_freq_factors, (list, tuple)):
+                raise ConfigError(f"{w}: rope_freq_factors must be a list of numbers")
+            factors = tuple(_pos_float("rope_freq_factors entry", f, w) for f in self.rope_freq_factors)
+            if len(factors) != hd // 2 or self.rope_scaling is not None:
+                raise ConfigError(f"{w}: rope_freq_factors needs head_dim/2 = {hd // 2} entries (got {len(factors)}) "
+                                  "and no rope_scaling beside it")
+            object.__setattr__(self, "rope_freq_factors", factors)
         for tid in ((self.bos_token_id,) if self.bos_token_id is not None else ()) + tuple(self.eos_token_id):
             if not 0 <= _pos_int("token id", tid, w, zero_ok=True) < self.vocab_size:
                 raise ConfigError(f"{w}: special token id {tid} is outside the vocabulary (size {self.vocab_size})")
@@ -95,13 +104,16 @@ class LlamaConfig:
         _warn_code_keys(d, where)
         names = {f.name for f in dataclasses.fields(cls)} - {"rope_scaling", "eos_token_id", "where"}
         kw = {k: d[k] for k in names if k in d and d[k] is not None}
+        rope = _rope_parameters(d, where)
+        if "rope_theta" in rope:
+            kw["rope_theta"] = rope["rope_theta"]
         missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                "num_attention_heads") if k not in kw]
         if missing:
             raise ConfigError(f"{where}: missing {', '.join(missing)}")
         eos = d.get("eos_token_id")
         kw["eos_token_id"] = tuple(eos) if isinstance(eos, list) else (eos,) if eos is not None else ()
-        kw["rope_scaling"] = _rope_scaling(d.get("rope_scaling"), where)
+        kw["rope_scaling"] = _rope_scaling(rope, where)
         return cls(**kw, where=where)
 
     def to_dict(self) -> dict:
@@ -110,15 +122,36 @@ class LlamaConfig:
         d["eos_token_id"] = list(self.eos_token_id)
         if self.rope_scaling is not None:
             d["rope_scaling"] = {"rope_type": "llama3", **dataclasses.asdict(self.rope_scaling)}
+        if self.rope_freq_factors is not None:
+            d["rope_freq_factors"] = list(self.rope_freq_factors)
         d.update(model_type="llama", architectures=["LlamaForCausalLM"])
         return d
 
 
-def _rope_scaling(rs, where: str) -> Llama3Scaling | None:
-    if rs is None:
-        return None
-    if not isinstance(rs, dict):
-        raise ConfigError(f"{where}: rope_scaling must be an object or null")
+def _rope_parameters(d: dict, where: str) -> dict:
+    """RoPE settings, from the ``rope_theta``/``rope_scaling`` keys or transformers 5's ``rope_parameters``.
+
+    transformers >= 5 writes only ``rope_parameters`` (theta and scaling in one object); older files
+    only the two top-level keys. Both together must agree.
+    """
+    merged = {}
+    for key in ("rope_scaling", "rope_parameters"):
+        part = d.get(key)
+        if part is not None and not isinstance(part, dict):
+            raise ConfigError(f"{where}: {key} must be an object or null")
+        for k, v in (part or {}).items():
+            if k in merged and merged[k] != v:
+                raise ConfigError(f"{where}: rope_scaling and rope_parameters disagree on {k} ({merged[k]!r} vs {v!r})")
+            merged[k] = v
+    if d.get("rope_theta") is not None:
+        if "rope_theta" in merged and merged["rope_theta"] != d["rope_theta"]:
+            raise ConfigError(f"{where}: rope_theta {d['rope_theta']!r} disagrees with rope_parameters "
+                              f"({merged['rope_theta']!r})")
+        merged["rope_theta"] = d["rope_theta"]
+    return merged
+
+
+def _rope_scaling(rs: dict, where: str) -> Llama3Scaling | None:
     kind = rs.get("rope_type", rs.get("type"))
     if kind in (None, "default"):
         return None

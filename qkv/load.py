@@ -22,13 +22,16 @@ from torch import nn
 from .config import LlamaConfig
 from .errors import ConfigError, ModelFormatError
 from .models.llama import LlamaForCausalLM
+from .nn.quant import QuantizedLinear
 from .text.chat import ChatTemplate
 from .text.tokenizer import Tokenizer
 from .weights import hf
 from .weights.convert import gguf_to_rotate_half
 from .weights.embedded import EMBEDDED, embedded_names, embedded_path
 from .weights.gguf import read_gguf
-from .weights.maps import GGUF_IGNORED, GGUF_ROPE_PERMUTED, gguf_llama_config, gguf_to_hf_name
+from .weights.int4 import INT4_TYPES, int4_codes
+from .weights.maps import (GGUF_OPTIONAL_FLAGS, GGUF_ROPE_FREQS, GGUF_ROPE_PERMUTED, HF_IGNORED_SUFFIXES,
+                           gguf_llama_config, gguf_to_hf_name)
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -60,7 +63,7 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
-        return torch.float32  # exact dequantised weights; reduced precision is an explicit choice
+        return torch.float32  # exact dequantised weights (+ the fast decode copies, see load())
     if dtype not in DTYPES:
         raise ConfigError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
@@ -93,14 +96,22 @@ def resolve_source(name_or_path: str | Path) -> tuple[str, Path]:
 
 
 def load(name_or_path: str | Path, *, dtype: str | torch.dtype = "auto", device: str | torch.device = "auto") -> Loaded:
-    """Load a model, its tokenizer and its chat template (see the module docstring)."""
+    """Load a model, its tokenizer and its chat template (see the module docstring).
+
+    ``dtype="auto"``: float32 weights, exactly the file's (dequantised) values. On the CPU, a GGUF
+    model also keeps its 4-bit Q4_0/Q4_1 matrices (and a float16 unembedding) for one-token decode
+    steps, where reading less memory is what makes decoding fast (qkv.nn.quant); prompts and other
+    multi-token inputs still run on the exact float32 weights. ``dtype="float32"`` keeps only the exact
+    weights; ``"bfloat16"``/``"float16"`` cast everything.
+    """
     dt, dev = resolve_dtype(dtype), resolve_device(device)
+    fast = dtype == "auto" and dev.type == "cpu"
     name, path = resolve_source(name_or_path)
     start = time.perf_counter()
     if path.is_dir():
         loaded = _load_hf_dir(name, path, dt)
     elif path.suffix.lower() == ".gguf" or _has_gguf_magic(path):
-        loaded = _load_gguf(name, path, dt)
+        loaded = _load_gguf(name, path, dt, fast=fast)
     else:
         raise ModelFormatError(f"{path}: neither a .gguf file nor a model directory")
     loaded.model.to(dev).eval()
@@ -116,29 +127,51 @@ def _has_gguf_magic(path: Path) -> bool:
         return False
 
 
-def _load_gguf(name: str, path: Path, dtype: torch.dtype) -> Loaded:
+def _load_gguf(name: str, path: Path, dtype: torch.dtype, *, fast: bool = False) -> Loaded:
     f = read_gguf(path)
     meta = f.metadata
     cfg_dict = gguf_llama_config(meta, source=str(path))
     cfg_dict["tie_word_embeddings"] = "output.weight" not in f.tensors
+    for flag, pattern in GGUF_OPTIONAL_FLAGS.items():
+        cfg_dict[flag] = any(pattern.match(t) for t in f.tensors)
+    if GGUF_ROPE_FREQS in f.tensors:
+        cfg_dict["rope_freq_factors"] = f.tensor(GGUF_ROPE_FREQS).reshape(-1).tolist()
     cfg = LlamaConfig.from_dict(cfg_dict, where=str(path))
     tokenizer = Tokenizer.from_gguf_metadata(meta, f.field_types, source=str(path))
-    state = {}
-    for tname in f.tensors:
-        if tname in GGUF_IGNORED:
+    _check_vocab(tokenizer, cfg, str(path))
+    state, codes = {}, {}
+    for tname, tinfo in f.tensors.items():
+        if tname == GGUF_ROPE_FREQS:
             continue
         hname = gguf_to_hf_name(tname, source=str(path))
         w = f.tensor(tname)
+        fast_int4 = fast and tinfo.ggml_type in INT4_TYPES and hname.endswith("proj.weight")
+        parts = int4_codes(f.raw(tname), tinfo.ggml_type, tinfo.shape, name=f"{path}: {tname}") if fast_int4 else ()
         for part, heads_field in GGUF_ROPE_PERMUTED.items():
             if f".{part}." in hname:
-                w = gguf_to_rotate_half(w, getattr(cfg, heads_field), name=f"{path}: {tname}")
+                heads = getattr(cfg, heads_field)
+                w = gguf_to_rotate_half(w, heads, name=f"{path}: {tname}")
+                parts = tuple(gguf_to_rotate_half(t, heads, name=f"{path}: {tname}") for t in parts)
         state[hname] = w.to(dtype)
+        if parts:
+            codes[hname.removesuffix(".weight")] = parts
     model = build_llama(cfg, state, source=str(path))
     template = _template(tokenizer, meta.get("tokenizer.chat_template"), "GGUF tokenizer.chat_template")
     types = sorted({i.ggml_type for i in f.tensors.values()})
     info = {"file_type": meta.get("general.file_type"), "tensor_types": types, "parameters": _count(model)}
     f.close()
+    if fast:
+        info["decode_weights"] = _attach_fast_decode(model, codes)
     return Loaded(model, tokenizer, template, cfg, name, path, "gguf", info)
+
+
+def _attach_fast_decode(model: LlamaForCausalLM, codes: dict) -> str:
+    """Swap in QuantizedLinear: int4 copies of the Q4 matrices, a float16 copy of the unembedding."""
+    for path, (c, scale, zero) in codes.items():
+        old = model.get_submodule(path)
+        model.set_submodule(path, QuantizedLinear.int4(old.weight, c, scale, zero, old.bias))
+    model.lm_head = QuantizedLinear.half(model.lm_head.weight)  # same Parameter: a tie stays a tie
+    return f"{len(codes)} matrices int4 + float16 unembedding for one-token steps; float32 otherwise"
 
 
 def _load_hf_dir(name: str, path: Path, dtype: torch.dtype) -> Loaded:
@@ -149,12 +182,22 @@ def _load_hf_dir(name: str, path: Path, dtype: torch.dtype) -> Loaded:
                                "(qkv.load runs llama; BERT encoders load with qkv.load_encoder)")
     cfg = LlamaConfig.from_dict({"name": name, **raw}, where=str(path / "config.json"))
     state = hf.load_safetensors(hf.weight_files(path), dtype)
+    for key in [k for k in state if k.endswith(HF_IGNORED_SUFFIXES)]:
+        del state[key]
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     tokenizer = Tokenizer.from_hf_dir(path)
+    _check_vocab(tokenizer, cfg, str(path))
     model = build_llama(cfg, state, source=str(path))
     template = _template(tokenizer, tokenizer.chat_template, "tokenizer_config.json chat_template")
     return Loaded(model, tokenizer, template, cfg, name, path, "hf", {"parameters": _count(model)})
+
+
+def _check_vocab(tokenizer: Tokenizer, cfg: LlamaConfig, source: str) -> None:
+    """Every id the tokenizer can produce needs a row of the embedding (RELIABILITY S8)."""
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ModelFormatError(f"{source}: the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size "
+                               f"is {cfg.vocab_size}; the tokenizer and the weights do not belong together")
 
 
 def _template(tokenizer: Tokenizer, source, where: str) -> ChatTemplate | None:

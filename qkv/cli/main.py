@@ -12,6 +12,7 @@ import sys
 from ..errors import QkvError
 
 SUBCOMMANDS = {
+    "explain": "how much a word attends to each word of a sentence in a real model (bar chart, PNG, HTML)",
     "byhand": "self-attention by hand: every number of one head (or two), exact and approximated",
     "generate": "continue a prompt (or answer one chat message) with a language model, streaming",
     "chat": "a multi-turn conversation with a language model",

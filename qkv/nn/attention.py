@@ -295,10 +295,33 @@ def attention_rows(
     ``weights[r, j] = exp(q_r · k_j · scale + mask_rj - lse_r)``: one dot product per key, no second
     softmax, so the rows equal what the fast path used. Cost O(R·S·D); memory O(R·S).
     """
+    sc, idx = _row_scores(q, k, rows, mask, causal, scale, window)
+    lr = lse[:, :, idx].to(sc.dtype).unsqueeze(-1)  # (B, H, R, 1)
+    lr = torch.where(torch.isfinite(lr), lr, torch.full_like(lr, float("inf")))  # masked row -> 0
+    return torch.exp(sc - lr)
+
+
+def weight_rows(
+    q: torch.Tensor, k: torch.Tensor, rows: Sequence[int] | torch.Tensor | None = None, *,
+    mask: torch.Tensor | None = None, causal: bool = False, scale: float | None = None,
+    window: int | None = None,
+) -> torch.Tensor:
+    """Exact softmax weights (B, H, R, S) of the chosen query rows (None = all), without running attention.
+
+    The same numbers as ``attention(..., return_weights=True)`` restricted to those rows, in O(R·S)
+    memory: what qkv.explain records while a model computes its outputs on the fast path.
+    """
+    sc, _ = _row_scores(q, k, rows, mask, causal, scale, window)
+    return masked_softmax(sc, None)[0]
+
+
+def _row_scores(q, k, rows, mask, causal, scale, window):
+    """Scaled, masked scores (B, H, R, S) in the accumulation dtype, and the row indices used."""
     b, h, t, d = q.shape
     s = k.shape[2]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    idx = torch.as_tensor(rows, dtype=torch.long, device=q.device).reshape(-1)
+    idx = torch.arange(t, device=q.device) if rows is None else \
+        torch.as_tensor(rows, dtype=torch.long, device=q.device).reshape(-1)
     if idx.numel() and (int(idx.min()) < -t or int(idx.max()) >= t):
         raise ShapeError(f"query rows {idx.tolist()} out of range for T = {t}")
     idx = idx % t
@@ -315,6 +338,4 @@ def attention_rows(
         full = combine(user, full)
     if full is not None:
         sc = sc.masked_fill(~full, float("-inf")) if full.dtype == torch.bool else sc + full.to(dt)
-    lr = lse[:, :, idx].to(dt).unsqueeze(-1)  # (B, H, R, 1)
-    lr = torch.where(torch.isfinite(lr), lr, torch.full_like(lr, float("inf")))  # masked row -> 0
-    return torch.exp(sc - lr)
+    return sc, idx

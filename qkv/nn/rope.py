@@ -69,10 +69,17 @@ class RoPE(nn.Module):
     >>> q = rope(q, positions)   # q (B, H, T, D), positions (T,) or (B, T) ints
     """
 
-    def __init__(self, dim: int, theta: float = 10000.0, scaling: Llama3Scaling | None = None):
+    def __init__(self, dim: int, theta: float = 10000.0, scaling: Llama3Scaling | None = None,
+                 freq_factors: list[float] | None = None):
+        """``freq_factors``: one divisor per frequency (llama.cpp's ``rope_freqs`` tensor, Llama 3.1+ GGUF)."""
         super().__init__()
         self.dim, self.theta, self.scaling = dim, float(theta), scaling
         self.inv_freq64 = rope_frequencies(dim, self.theta, scaling)  # (D/2,) float64, not a buffer
+        if freq_factors is not None:
+            factors = torch.tensor(freq_factors, dtype=torch.float64, device="cpu")
+            if factors.shape != self.inv_freq64.shape or not bool((factors > 0).all()):
+                raise ConfigError(f"RoPE freq_factors must be {dim // 2} positive numbers, got {tuple(factors.shape)}")
+            self.inv_freq64 = self.inv_freq64 / factors
         self._cos = self._sin = None  # cached fp32 tables (P, D) on the last device used
 
     def extra_repr(self) -> str:

@@ -750,6 +750,22 @@ class Tokenizer:
             add_bos = self._add_bos_default if add_special else None
         return self._override_bos(ids, add_bos, added_bos)
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]], list[bool]]:
+        """What :meth:`encode` gives (default options), plus each token's [start, end) character span
+        in ``text`` and whether it is a special token — for showing tokens and grouping them into words."""
+        ids = self.encode(text)
+        with self._lock, _rust_errors("encoding", self.source, "report the input that triggers it"):
+            self._set_parse_special(False)
+            enc = self._backend.encode(text, add_special_tokens=True)
+        offsets, special = [tuple(o) for o in enc.offsets], [bool(m) for m in enc.special_tokens_mask]
+        if ids[:1] == [self.bos_id] and enc.ids[:1] != [self.bos_id]:
+            offsets, special = [(0, 0), *offsets], [True, *special]
+        elif enc.ids[:1] == [self.bos_id] and ids[:1] != [self.bos_id]:
+            offsets, special = offsets[1:], special[1:]
+        if len(offsets) != len(ids):
+            raise TokenizerError(f"{self.source}: token offsets do not line up with the ids; fix: report the text")
+        return ids, offsets, special
+
     def encode_segments(self, segments: Sequence[tuple[str, bool]], *, add_bos: bool = False) -> list[int]:
         """Encode consecutive pieces of one text, each with its own ``parse_special`` flag.
 

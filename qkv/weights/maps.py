@@ -19,15 +19,27 @@ GGUF_LLAMA_TENSORS: dict[str, str] = {
     "blk.{i}.attn_q.bias": "model.layers.{i}.self_attn.q_proj.bias",
     "blk.{i}.attn_k.bias": "model.layers.{i}.self_attn.k_proj.bias",
     "blk.{i}.attn_v.bias": "model.layers.{i}.self_attn.v_proj.bias",
+    "blk.{i}.attn_output.bias": "model.layers.{i}.self_attn.o_proj.bias",
     "blk.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
     "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
     "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
     "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
+    "blk.{i}.ffn_gate.bias": "model.layers.{i}.mlp.gate_proj.bias",
+    "blk.{i}.ffn_up.bias": "model.layers.{i}.mlp.up_proj.bias",
+    "blk.{i}.ffn_down.bias": "model.layers.{i}.mlp.down_proj.bias",
 }
 # tensors whose rows GGUF stores for interleaved RoPE; value: the config field with their head count
 GGUF_ROPE_PERMUTED = {"self_attn.q_proj": "num_attention_heads", "self_attn.k_proj": "num_key_value_heads"}
-# tensors llama.cpp writes that carry no weights of ours
-GGUF_IGNORED = ("rope_freqs.weight",)
+# the tensor llama.cpp writes for Llama 3.1-style RoPE scaling: one divisor per frequency (config, not a weight)
+GGUF_ROPE_FREQS = "rope_freqs.weight"
+# config flags implied by which optional tensors a file has (HF config key -> GGUF name patterns)
+GGUF_OPTIONAL_FLAGS = {
+    "attention_bias": re.compile(r"^blk\.\d+\.attn_(q|k|v|output)\.bias$"),
+    "mlp_bias": re.compile(r"^blk\.\d+\.ffn_(gate|up|down)\.bias$"),
+}
+
+# tensors of older Hugging Face checkpoints that hold no weights (RoPE frequencies saved as buffers)
+HF_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
 # GGUF metadata key (with {arch}) -> HF config.json key
 GGUF_LLAMA_CONFIG: dict[str, str] = {

@@ -1,0 +1,206 @@
+"""SmolLM2-135M-Instruct end to end: qkv vs Hugging Face transformers (and llama.cpp where installed).
+
+    .venv/bin/python bench/llm.py [--threads 2] [--new-tokens 128]
+
+Each engine runs in a fresh process on the same GGUF file (transformers dequantises it to float32 and
+runs with attn_implementation="sdpa"; llama-cpp-python, if importable, runs the Q4_1 file as is):
+load time, prefill tokens/s for 128- and 512-token prompts (median of 3), greedy decode tokens/s over
+``--new-tokens`` new tokens after a 16-token prompt (each engine's own KV cache, a plain loop), and
+the process's peak RSS. qkv runs twice: dtype="auto" (float32 weights + int4/float16 copies for
+one-token steps) and dtype="float32" (exact weights only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+TEXT = ("The history of the transformer architecture begins with attention: a way for every token to look at "
+        "every other token and decide what matters. Queries, keys and values are projections of the same "
+        "hidden states; their dot products, scaled and normalised by a softmax, weigh the values. ")
+
+
+def peak_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def prompt_ids(tokenize, n: int) -> list[int]:
+    ids = tokenize(TEXT * (n // 20 + 2))
+    return ids[:n]
+
+
+def run_qkv(dtype: str, new_tokens: int) -> dict:
+    import torch
+
+    import qkv
+    from qkv.generate import SamplingOptions, generate_ids
+
+    t0 = time.perf_counter()
+    m = qkv.load("smollm2", dtype=dtype, device="cpu")
+    load_s = time.perf_counter() - t0
+    tok = lambda s: m.tokenizer.encode(s)  # noqa: E731
+
+    def prefill(ids):
+        with torch.inference_mode():
+            m.model(torch.tensor([ids]), last_only=True)
+
+    def decode(ids):
+        return list(generate_ids(m.model, ids, SamplingOptions(temperature=0), max_new_tokens=new_tokens))
+
+    return measure(load_s, tok, prefill, decode)
+
+
+def run_transformers(new_tokens: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qkv.weights.embedded import embedded_path
+
+    path = embedded_path("smollm2")
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
+                                                 attn_implementation="sdpa").eval()
+    load_s = time.perf_counter() - t0
+    hf_tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    tok = lambda s: hf_tok(s)["input_ids"]  # noqa: E731
+
+    def prefill(ids):
+        with torch.inference_mode():
+            model(torch.tensor([ids]), use_cache=False, logits_to_keep=1)
+
+    def decode(ids):
+        out = []
+        with torch.inference_mode():
+            res = model(torch.tensor([ids]), use_cache=True, logits_to_keep=1)
+            for _ in range(new_tokens):
+                nxt = res.logits[:, -1].argmax(-1, keepdim=True)
+                out.append(int(nxt))
+                res = model(nxt, past_key_values=res.past_key_values, use_cache=True)
+        return out
+
+    return measure(load_s, tok, prefill, decode)
+
+
+def run_llamacpp(new_tokens: int, threads: int) -> dict:
+    from llama_cpp import Llama
+
+    from qkv.weights.embedded import embedded_path
+
+    t0 = time.perf_counter()
+    llm = Llama(model_path=str(embedded_path("smollm2")), n_ctx=1024, n_threads=threads, verbose=False)
+    load_s = time.perf_counter() - t0
+    tok = lambda s: llm.tokenize(s.encode(), add_bos=False)  # noqa: E731
+
+    def prefill(ids):
+        llm.reset()
+        llm.eval(ids)
+
+    def decode(ids):
+        llm.reset()
+        out = []
+        for t in llm.generate(ids, temp=0.0, top_k=1):
+            out.append(t)
+            if len(out) == new_tokens:
+                break
+        return out
+
+    return measure(load_s, tok, prefill, decode)
+
+
+def measure(load_s, tok, prefill, decode) -> dict:
+    res = {"load_s": load_s}
+    for n in (128, 512):
+        ids = prompt_ids(tok, n)
+        prefill(ids)  # warm-up
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            prefill(ids)
+            times.append(time.perf_counter() - t0)
+        res[f"prefill{n}_tok_s"] = n / statistics.median(times)
+    ids = prompt_ids(tok, 16)
+    decode(ids[:4])  # warm-up
+    t0 = time.perf_counter()
+    out = decode(ids)
+    res["decode_tok_s"] = len(out) / (time.perf_counter() - t0)
+    res["decoded"] = len(out)
+    res["peak_rss_mb"] = peak_rss_mb()
+    return res
+
+
+ENGINES = ["qkv-auto", "qkv-float32", "transformers", "llama.cpp"]
+
+
+def worker(engine: str, threads: int, new_tokens: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    if engine.startswith("qkv-"):
+        res = run_qkv(engine.split("-", 1)[1], new_tokens)
+    elif engine == "transformers":
+        res = run_transformers(new_tokens)
+    else:
+        res = run_llamacpp(new_tokens, threads)
+    print(json.dumps(res))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--engines", nargs="+", default=ENGINES, choices=ENGINES)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        worker(args.worker, args.threads, args.new_tokens)
+        return
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", OMP_NUM_THREADS=str(args.threads))
+    results = {}
+    for engine in args.engines:
+        cmd = [sys.executable, __file__, "--worker", engine, "--threads", str(args.threads),
+               "--new-tokens", str(args.new_tokens)]
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if r.returncode != 0:
+            last = (r.stderr.strip().splitlines() or ["?"])[-1]
+            results[engine] = {"skipped": last[:120]}
+        else:
+            results[engine] = json.loads(r.stdout.strip().splitlines()[-1])
+        print(engine, results[engine], file=sys.stderr, flush=True)
+    print_table(results, args)
+
+
+def print_table(results: dict, args) -> None:
+    ref = results.get("transformers", {})
+    cols = [("load_s", "load (s)", "{:.2f}"), ("prefill128_tok_s", "prefill 128 (tok/s)", "{:.0f}"),
+            ("prefill512_tok_s", "prefill 512 (tok/s)", "{:.0f}"), ("decode_tok_s", "decode (tok/s)", "{:.1f}"),
+            ("peak_rss_mb", "peak RSS (MiB)", "{:.0f}")]
+    print(f"\nSmolLM2-135M-Instruct, {args.threads} threads, decode over {args.new_tokens} new tokens\n")
+    print("| engine | " + " | ".join(c[1] for c in cols) + " |")
+    print("|---|" + "---|" * len(cols))
+    for engine, r in results.items():
+        if "skipped" in r:
+            print(f"| {engine} | not run: {r['skipped']} |" + " |" * (len(cols) - 1))
+            continue
+        cells = []
+        for key, _, f in cols:
+            cell = f.format(r[key])
+            if key in ref and engine != "transformers" and key != "peak_rss_mb":
+                ratio = r[key] / ref[key] if key != "load_s" else ref[key] / r[key]
+                cell += f" ({ratio:.2f}x)"
+            cells.append(cell)
+        print(f"| {engine} | " + " | ".join(cells) + " |")
+    print("\n(ratios vs transformers: speed / speed; for load, transformers' time / this time — higher is better)")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    main()
