@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -250,3 +251,89 @@ def test_bf16_logits_stay_close_to_the_fp32_reference(fp32_logits: dict[str, tup
             print(f"bf16 {name}: {_errors(ref, got)}, top-1 agreement {agree:.1%}")
             assert got.dtype == torch.float32 and torch.isfinite(got).all()
             assert mean_kl(ref, got) <= KL_BF16, name
+
+
+# --- capture: exact weights while the model runs its fast path (issue: see attention) --------------------
+
+CAPTURE_TEXTS = ["He sat on the river's bank", "The bank raised its interest rates again.",
+                 "def f(x):\n    return x * 2  # double"]
+
+
+@pytest.mark.parametrize("text", CAPTURE_TEXTS)
+def test_capture_equals_transformers_eager_weights(oracle: SimpleNamespace, ours: Any, text: str) -> None:
+    """qkv.explain.capture on the SDPA path vs transformers' eager attentions, every layer and head.
+
+    The two models' hidden states differ by float32 rounding (logits by < 1e-4), so their weights may
+    differ by a few 1e-6; the exactness of capture itself, on the same q and k, is the next test."""
+    from qkv.explain.capture import capture
+
+    rec = capture(ours, text)
+    ids = ours.tokenizer.encode(text)
+    oracle.model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            ref = oracle.model(torch.tensor([ids]), output_attentions=True).attentions
+    finally:
+        oracle.model.set_attn_implementation("sdpa")
+    ref = torch.stack([a[0] for a in ref]).float()  # (L, H, T, T)
+    assert rec.weights.shape == ref.shape
+    err = (rec.weights - ref).abs().max().item()
+    print(f"{text[:20]!r}: max |Δw| = {err:.2e}")
+    assert err <= 1e-5
+    torch.testing.assert_close(rec.weights.sum(-1), torch.ones(ref.shape[:-1]), atol=1e-6, rtol=0)
+
+
+class _KeepQK:
+    """An observer that keeps each layer's q and k as the attention core received them."""
+
+    def __init__(self):
+        self.layer, self.qk = 0, {}
+
+    def __call__(self, q, k, *, mask=None, causal=False):
+        self.qk[self.layer] = (q.clone(), k.clone(), causal)
+
+
+@pytest.mark.parametrize("text", CAPTURE_TEXTS)
+def test_capture_equals_eager_softmax_of_the_same_q_and_k(ours: Any, text: str) -> None:
+    """Exactness of capture: its rows == eager softmax(q kᵀ/√d + causal mask) of the same q, k.
+
+    Against eager in float32 (what an eager attention computes) within 1e-6; against float64 within
+    5e-6 — float32 scores of size ~30 carry ~2e-6 of rounding whichever way they are computed."""
+    from qkv.explain.capture import capture
+
+    keep = _KeepQK()
+    ids = torch.tensor([ours.tokenizer.encode(text)])
+    with torch.no_grad():
+        ours.model(ids, observer=keep)
+    rec = capture(ours, text)
+    for layer, (q, k, causal) in keep.qk.items():
+        assert causal
+        for dtype, tol in ((torch.float32, 1e-6), (torch.float64, 5e-6)):
+            h, kh, t = q.shape[1], k.shape[1], q.shape[2]
+            kk = k.to(dtype).repeat_interleave(h // kh, dim=1)
+            scores = q.to(dtype) @ kk.transpose(-2, -1) / math.sqrt(q.shape[-1])
+            scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+            eager = torch.softmax(scores, dim=-1)[0]  # (H, T, T)
+            err = (rec.weights[layer].to(dtype) - eager).abs().max().item()
+            assert err <= tol, f"layer {layer}, {dtype}: {err:.2e}"
+
+
+def test_capture_of_one_row_is_the_same_row_and_small(ours: Any) -> None:
+    """One query row across all layers and heads: O(L·H·T) numbers, equal to that row of the full capture."""
+    from qkv.explain.capture import capture
+
+    text = CAPTURE_TEXTS[1]
+    full = capture(ours, text)
+    one = capture(ours, text, queries=[3])
+    assert one.weights.shape == (*full.weights.shape[:2], 1, full.weights.shape[-1])
+    torch.testing.assert_close(one.weights[:, :, 0], full.weights[:, :, 3], rtol=0, atol=1e-6)
+
+
+def test_capture_does_not_change_the_model_output(ours: Any) -> None:
+    from qkv.explain.capture import RowObserver
+
+    ids = torch.tensor([ours.tokenizer.encode(CAPTURE_TEXTS[0])])
+    with torch.no_grad():
+        plain = ours.model(ids)
+        watched = ours.model(ids, observer=RowObserver())
+    assert torch.equal(plain, watched)
