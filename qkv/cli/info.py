@@ -14,17 +14,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=["text", "json"], default="text")
 
 
+ARCHITECTURES = {  # config class -> one line on what the model is
+    "LlamaConfig": "llama (decoder, RMSNorm, RoPE, grouped-query attention, SwiGLU)",
+    "BertConfig": "bert (encoder, post-norm LayerNorm, learned positions, bidirectional attention, GELU)",
+}
+
+
 def describe(loaded) -> dict:
     c = loaded.config
     tok = loaded.tokenizer
+    scaling = getattr(c, "rope_scaling", None)  # encoders have no RoPE fields: shown as "—"
     d = {
         "name": loaded.name, "source": str(loaded.source), "format": loaded.format,
-        "architecture": "llama (decoder, RMSNorm, RoPE, grouped-query attention, SwiGLU)",
+        "architecture": ARCHITECTURES.get(type(c).__name__, type(c).__name__),
         "parameters": loaded.info.get("parameters"), "layers": c.num_hidden_layers, "hidden_size": c.hidden_size,
         "intermediate_size": c.intermediate_size, "heads": c.num_attention_heads, "kv_heads": c.num_key_value_heads,
-        "head_dim": c.head_dim, "context": c.max_position_embeddings, "rope_theta": c.rope_theta,
-        "rope_scaling": None if c.rope_scaling is None else vars(c.rope_scaling),
-        "tied_embeddings": c.tie_word_embeddings, "vocab_size": c.vocab_size,
+        "head_dim": c.head_dim, "context": c.max_position_embeddings, "rope_theta": getattr(c, "rope_theta", None),
+        "rope_scaling": None if scaling is None else vars(scaling),
+        "tied_embeddings": getattr(c, "tie_word_embeddings", None), "vocab_size": c.vocab_size,
         "tensor_types": loaded.info.get("tensor_types"), "dtype": str(loaded.dtype).replace("torch.", ""),
         "device": str(loaded.device), "load_seconds": loaded.info.get("load_seconds"),
         "tokenizer": {"vocab_size": tok.vocab_size, "bos": _tok(tok, tok.bos_id),

@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "generate": "continue a prompt (or answer one chat message) with a language model, streaming",
     "chat": "a multi-turn conversation with a language model",
     "info": "architecture, sizes, quantisation, context, tokenizer and chat template of a model",
+    "embed": "sentence embeddings from an encoder (minilm) and their cosine similarities",
 }
 
 

@@ -132,20 +132,26 @@ def _generation_record(loaded, prompt, ids, new_ids, obs, layers, heads) -> Atte
             w[li, :, i, :row.shape[-1]] = row
     queries = [len(ids) - 1 + i for i in range(len(steps))]
     tokens = loaded.tokenizer.token_strings(all_ids)
-    roles = _roles(loaded, prompt, len(ids), n) if not isinstance(prompt, str) else []
+    roles = _roles(loaded, all_ids, len(ids), n) if not isinstance(prompt, str) else []
     return AttentionRecord(w, tokens, tokens, queries, layers, heads, kind="causal", model=loaded.name,
                            key_roles=roles, note="row i = the query that produced generated token i")
 
 
-def _roles(loaded, messages, n_prompt: int, n_total: int) -> list[str]:
-    """Role of each token: render growing prefixes of the conversation and mark where each message ends."""
-    roles, start = [], 0
-    for i in range(1, len(messages) + 1):
-        end = len(loaded.chat_template.encode(loaded.tokenizer, messages[:i], add_generation_prompt=False))
-        roles += [str(messages[i - 1].get("role", "?"))] * max(0, min(end, n_prompt) - start)
-        start = len(roles)
-    roles += ["template"] * (n_prompt - len(roles))
-    return roles[:n_prompt] + ["generated"] * (n_total - n_prompt)
+ROLE_NAMES = ("system", "user", "assistant", "tool", "ipython", "developer")
+
+
+def _roles(loaded, ids: list[int], n_prompt: int, n_total: int) -> list[str]:
+    """Role of each token, read off the rendered prompt: a special token followed by a role name
+    (ChatML's ``<|im_start|>user``, Llama 3's ``<|start_header_id|>user``) opens that role's turn."""
+    tok = loaded.tokenizer
+    strings = tok.token_strings(ids[:n_prompt])
+    roles, current = [], "template"
+    for i, i_id in enumerate(ids[:n_prompt]):
+        if i_id in tok.special_ids:
+            after = "".join(strings[i + 1:i + 5]).lstrip().lower()  # a role name may be split into pieces
+            current = next((r for r in ROLE_NAMES if after.startswith(r)), current)
+        roles.append(current)
+    return roles + ["generated"] * (n_total - n_prompt)
 
 
 def word_positions(loaded, text: str, word: str, occurrence: int = 1) -> list[int]:

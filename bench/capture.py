@@ -1,0 +1,121 @@
+"""Seeing attention at full speed: qkv capture of one query row vs Hugging Face output_attentions.
+
+    .venv/bin/python bench/capture.py [--lengths 128 512 2048] [--threads 2]
+
+SmolLM2-135M-Instruct in float32, one forward over T prompt tokens, each case in a fresh process:
+  plain        qkv's forward (SDPA), nothing captured
+  qkv-capture  the same forward, capturing the last query's row in all 30 layers x 9 heads
+  hf-plain     transformers' forward (sdpa)
+  hf-eager     transformers with output_attentions=True (forces the eager path, returns every weight)
+Time = median of repeated forwards; memory = peak RSS rise over the RSS with the model loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+CASES = ["plain", "qkv-capture", "hf-plain", "hf-eager"]
+
+
+def _kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1])
+    raise RuntimeError(field)
+
+
+def make_runner(case: str):
+    import torch
+
+    if case.startswith("hf"):
+        from transformers import AutoModelForCausalLM
+
+        from qkv.weights.embedded import embedded_path
+
+        path = embedded_path("smollm2")
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
+                                                     attn_implementation="eager" if case == "hf-eager" else "sdpa")
+        model.eval()
+        attn = case == "hf-eager"
+        return lambda ids: model(ids, output_attentions=attn, use_cache=False, logits_to_keep=1)
+    import qkv
+    from qkv.explain.capture import RowObserver
+
+    m = qkv.load("smollm2", dtype="float32", device="cpu")
+    if case == "plain":
+        return lambda ids: m.model(ids, last_only=True)
+    return lambda ids: m.model(ids, last_only=True, observer=RowObserver(rows="last"))
+
+
+def worker(case: str, t: int, threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    run = make_runner(case)
+    ids = torch.randint(100, 40000, (1, t), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        run(ids[:, :16])
+        rss0 = _kb("VmRSS:")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        start = time.perf_counter()
+        out = run(ids)
+        first = time.perf_counter() - start
+        peak = _kb("VmHWM:") - rss0
+        del out
+        times = [first]
+        for _ in range(4 if t <= 512 else 2):
+            start = time.perf_counter()
+            run(ids)
+            times.append(time.perf_counter() - start)
+    print(json.dumps({"median_s": statistics.median(times[1:]), "peak_extra_mb": peak / 1024}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--lengths", type=int, nargs="+", default=[128, 512, 2048])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        worker(args.worker[0], int(args.worker[1]), args.threads)
+        return
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+    print(f"SmolLM2-135M float32, one forward, {args.threads} threads\n")
+    print("| T | plain | qkv capture (1 row, all layers x heads) | hf sdpa | hf output_attentions (eager) "
+          "| capture / plain time | capture / hf-eager extra memory |")
+    print("|---|---|---|---|---|---|---|")
+    for t in args.lengths:
+        res = {}
+        for case in CASES:
+            cmd = [sys.executable, __file__, "--worker", case, str(t), "--threads", str(args.threads)]
+            r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            res[case] = json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else \
+                {"error": (r.stderr.strip().splitlines() or ["?"])[-1][:80]}
+        print(_row(t, res), flush=True)
+
+
+def _cell(r: dict) -> str:
+    if "error" in r:
+        return f"failed: {r['error']}"
+    return f"{r['median_s'] * 1e3:.0f} ms / +{r['peak_extra_mb']:.0f} MiB"
+
+
+def _row(t: int, res: dict) -> str:
+    cap, plain, eager = res["qkv-capture"], res["plain"], res["hf-eager"]
+    ratio_t = f"{cap['median_s'] / plain['median_s']:.2f}x" if "error" not in cap and "error" not in plain else "—"
+    ratio_m = (f"{cap['peak_extra_mb'] / eager['peak_extra_mb']:.3f}" if "error" not in cap and "error" not in eager
+               and eager["peak_extra_mb"] > 0 else "—")
+    return f"| {t} | " + " | ".join(_cell(res[c]) for c in CASES) + f" | {ratio_t} | {ratio_m} |"
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    main()
