@@ -100,6 +100,8 @@ class LlamaForCausalLM(nn.Module):
             mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, S): padding keys hidden
             if positions is None:
                 positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, offset:]  # (B, T)
+        if positions is None:  # one tensor for all layers: RoPE looks its tables up once per forward
+            positions = torch.arange(offset, offset + t, device=input_ids.device)
         x = self.model.embed_tokens(input_ids).float()  # (B, T, C), float32 residual stream
         for i, layer in enumerate(self.model.layers):
             if observer is not None:

@@ -15,6 +15,15 @@ class SwiGLU(nn.Module):
         self.gate_proj = nn.Linear(dim, hidden_dim, bias=bias)  # C -> F
         self.up_proj = nn.Linear(dim, hidden_dim, bias=bias)  # C -> F
         self.down_proj = nn.Linear(hidden_dim, dim, bias=bias)  # F -> C
+        self.gate_up_proj: nn.Module | None = None  # set by fuse_gate_up()
+
+    def fuse_gate_up(self, fused: nn.Module) -> None:
+        """Use ``fused`` (C -> 2F: gate then up weights stacked) instead of the two projections."""
+        del self.gate_proj, self.up_proj
+        self.gate_up_proj = fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (…, C) -> (…, C)
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (…, F) each
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -127,6 +127,15 @@ class MultiHeadAttention(nn.Module):
         self.k_proj = nn.Linear(d_context, n_kv_heads * self.head_dim, bias=bias)  # C_ctx -> K·D
         self.v_proj = nn.Linear(d_context, n_kv_heads * self.head_dim, bias=bias)  # C_ctx -> K·D
         self.o_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=bias if out_bias is None else out_bias)
+        self.qkv_proj: nn.Module | None = None  # set by fuse_qkv(): one matmul instead of three
+
+    def fuse_qkv(self, fused: nn.Module) -> None:
+        """Use ``fused`` (C -> (H + 2K)·D: q, k, v weights stacked) for self-attention instead of the three
+        projections, which are removed. Decoding one token then makes one matmul call instead of three;
+        the numbers are the same weights'. (Cross-attention keeps needing separate projections.)"""
+        for name in ("q_proj", "k_proj", "v_proj"):
+            delattr(self, name)
+        self.qkv_proj = fused
 
     def _heads(self, x: torch.Tensor, proj: nn.Linear, n: int) -> torch.Tensor:
         b, t, _ = x.shape
@@ -146,10 +155,10 @@ class MultiHeadAttention(nn.Module):
         without changing the path the model computes on.
         """
         x, squeeze = _batched(x, "x")
-        q = self._heads(x, self.q_proj, self.n_heads)  # (B, H, T, D)
         if context is None and not (cache is not None and cache.cross):
-            q, k, v = self._self_qkv(x, q, cache, positions)
+            q, k, v = self._self_qkv(x, cache, positions)
         else:
+            q = self._heads(x, self.q_proj, self.n_heads)  # (B, H, T, D)
             k, v = self._cross_kv(context, cache)
         if observer is not None:
             observer(q, k, mask=mask, causal=causal)
@@ -160,10 +169,17 @@ class MultiHeadAttention(nn.Module):
         out = self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))  # (B, T, C)
         return _unbatch((out, weights) if return_weights else out, squeeze)
 
-    def _self_qkv(self, x, q, cache, positions):
-        """Project k, v from x; rotate q and k at their positions; append to the cache."""
-        k = self._heads(x, self.k_proj, self.n_kv_heads)  # (B, K, T, D)
-        v = self._heads(x, self.v_proj, self.n_kv_heads)
+    def _self_qkv(self, x, cache, positions):
+        """Project q, k, v from x; rotate q and k at their positions; append k, v to the cache."""
+        if self.qkv_proj is not None:
+            b, t, _ = x.shape
+            qkv = self.qkv_proj(x).view(b, t, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
+            qkv = qkv.transpose(1, 2)  # (B, H + 2K, T, D)
+            q, k, v = qkv.split([self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=1)
+        else:
+            q = self._heads(x, self.q_proj, self.n_heads)  # (B, H, T, D)
+            k = self._heads(x, self.k_proj, self.n_kv_heads)  # (B, K, T, D)
+            v = self._heads(x, self.v_proj, self.n_kv_heads)
         if self.rope is not None:
             if positions is None:
                 start = cache.offset if cache is not None else 0  # new tokens continue the cached ones

@@ -81,6 +81,7 @@ class RoPE(nn.Module):
                 raise ConfigError(f"RoPE freq_factors must be {dim // 2} positive numbers, got {tuple(factors.shape)}")
             self.inv_freq64 = self.inv_freq64 / factors
         self._cos = self._sin = None  # cached fp32 tables (P, D) on the last device used
+        self._last: tuple | None = None  # (positions tensor, device, cos, sin): layers sharing one call
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, theta={self.theta}, scaling={self.scaling}"
@@ -98,13 +99,26 @@ class RoPE(nn.Module):
         ang = torch.cat((ang, ang), dim=-1)  # (…, D): the same angle for x[i] and x[i + D/2]
         return ang.cos().float().to(device), ang.sin().float().to(device)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Rotate x (B, H, T, D) at positions (T,) or (B, T); math in fp32, result in x's dtype."""
+    def cos_sin(self, positions: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for positions (T,) -> (T, D) or (B, T) -> (B, 1, T, D), float32.
+
+        The model passes one positions tensor to all its layers; the result for that same tensor object
+        is reused, so a 30-layer forward looks the tables up once, not 30 times.
+        """
+        last = self._last
+        if last is not None and last[0] is positions and last[1] == device:
+            return last[2], last[3]
         if positions.dim() == 1:
-            cos, sin = self.tables(int(positions.max()) + 1 if positions.numel() else 1, x.device)
+            cos, sin = self.tables(int(positions.max()) + 1 if positions.numel() else 1, device)
             cos, sin = cos[positions], sin[positions]  # (T, D)
         else:
-            cos, sin = self.angles(positions, x.device)  # (B, T, D)
+            cos, sin = self.angles(positions, device)  # (B, T, D)
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, D)
+        self._last = (positions, device, cos, sin)
+        return cos, sin
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rotate x (B, H, T, D) at positions (T,) or (B, T); math in fp32, result in x's dtype."""
+        cos, sin = self.cos_sin(positions, x.device)
         xf = x.float()
         return (xf * cos + rotate_half(xf) * sin).to(x.dtype)

@@ -17,7 +17,10 @@ def fast():
 
 def test_auto_attaches_int4_copies_and_keeps_the_tie(fast):
     m = fast.model
-    assert isinstance(m.model.layers[0].mlp.up_proj, QuantizedLinear) and m.model.layers[0].mlp.up_proj.kind == "int4"
+    layer = m.model.layers[0]
+    for fused in (layer.mlp.gate_up_proj, layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.down_proj):
+        assert isinstance(fused, QuantizedLinear) and fused.kind == "int4"
+    assert not hasattr(layer.mlp, "up_proj") and not hasattr(layer.self_attn, "q_proj")  # fused, not duplicated
     assert m.lm_head.kind == "half" and m.lm_head.weight is m.model.embed_tokens.weight
     assert "int4" in fast.info["decode_weights"]
 

@@ -134,3 +134,26 @@ def test_module_construction_errors():
         MultiHeadAttention(10, 4)
     with pytest.raises(ShapeError, match="batch, length, features"):
         SelfAttention(6, 3)(torch.randn(6))
+
+
+def test_fused_projections_compute_the_same_function():
+    """fuse_qkv / fuse_gate_up: one stacked matmul gives the outputs of the separate ones."""
+    from qkv.nn import SwiGLU
+
+    torch.manual_seed(6)
+    m = MultiHeadAttention(48, 6, 2, rope=RoPE(8), bias=True).eval()
+    x = torch.randn(2, 5, 48)
+    before = m(x, causal=True)
+    fused = nn.Linear(48, (6 + 2 * 2) * 8, bias=True)
+    with torch.no_grad():
+        fused.weight.copy_(torch.cat([m.q_proj.weight, m.k_proj.weight, m.v_proj.weight]))
+        fused.bias.copy_(torch.cat([m.q_proj.bias, m.k_proj.bias, m.v_proj.bias]))
+    m.fuse_qkv(fused)
+    torch.testing.assert_close(m(x, causal=True), before)
+    mlp = SwiGLU(48, 64)
+    y = mlp(x)
+    gu = nn.Linear(48, 128, bias=False)
+    with torch.no_grad():
+        gu.weight.copy_(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
+    mlp.fuse_gate_up(gu)
+    torch.testing.assert_close(mlp(x), y)
