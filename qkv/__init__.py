@@ -4,8 +4,10 @@ Public API:
     qkv.attention, qkv.attention_rows   the attention core (qkv.nn has the modules)
     qkv.load                            a model + tokenizer + chat template (embedded name, GGUF, HF dir)
     qkv.generate                        stream text from a loaded model
+    qkv.embed                           sentence embeddings from a loaded encoder (minilm)
 """
 
+from .embed import embed
 from .errors import QkvError
 from .generate import generate  # the functions replace the same-named submodules as attributes of qkv
 from .load import load
@@ -13,5 +15,5 @@ from .nn.attention import attention, attention_rows
 
 __version__ = "0.1.0"
 
-__all__ = ["attention", "attention_rows", "load", "generate", "QkvError", "__version__"]
+__all__ = ["attention", "attention_rows", "load", "generate", "embed", "QkvError", "__version__"]
 

@@ -162,3 +162,81 @@ def _rope_scaling(rs: dict, where: str) -> Llama3Scaling | None:
         return Llama3Scaling(**{k: rs[k] for k in keys if k in rs})
     except TypeError as e:
         raise ConfigError(f"{where}: rope_scaling: {e}") from None
+
+
+BERT_ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
+
+
+@dataclass(frozen=True)
+class BertConfig:
+    """BERT-architecture encoder (BERT, MiniLM, all-MiniLM sentence encoders), Hugging Face field names.
+
+    ``add_pooling_layer`` is not a config.json key: the loader sets it from whether the weights hold a
+    pooler. The Llama-style read-only properties (``head_dim``, ``num_key_value_heads``, …) let code that
+    describes any model (``qkv info``, ``qkv.explain``) read one set of names.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    pad_token_id: int | None = 0
+    position_embedding_type: str = "absolute"
+    add_pooling_layer: bool = True
+    name: str = "bert"
+    where: str = field(default="config", compare=False, repr=False)
+
+    def __post_init__(self):
+        w = self.where
+        for n in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "max_position_embeddings", "type_vocab_size"):
+            _pos_int(n, getattr(self, n), w)
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(f"{w}: hidden_size={self.hidden_size} is not divisible by "
+                              f"num_attention_heads={self.num_attention_heads}")
+        _pos_float("layer_norm_eps", self.layer_norm_eps, w)
+        for n in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+            p = getattr(self, n)
+            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+                raise ConfigError(f"{w}: {n} must be a number in [0, 1), got {p!r}")
+        if self.hidden_act not in BERT_ACTIVATIONS:
+            raise ConfigError(f"{w}: hidden_act {self.hidden_act!r} is not supported "
+                              f"(supported: {', '.join(BERT_ACTIVATIONS)})")
+        if self.position_embedding_type != "absolute":
+            raise ConfigError(f"{w}: position_embedding_type {self.position_embedding_type!r} is not supported "
+                              "(supported: absolute)")
+        if self.pad_token_id is not None and not 0 <= _pos_int("pad_token_id", self.pad_token_id, w,
+                                                               zero_ok=True) < self.vocab_size:
+            raise ConfigError(f"{w}: pad_token_id {self.pad_token_id} is outside the vocabulary "
+                              f"(size {self.vocab_size})")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_key_value_heads(self) -> int:
+        return self.num_attention_heads  # plain multi-head attention
+
+    @classmethod
+    def from_dict(cls, d: dict, *, where: str = "config.json", add_pooling_layer: bool = True) -> "BertConfig":
+        """Build from HF config.json keys; unknown keys are ignored, a decoder configuration is refused."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"{where}: expected a JSON object")
+        _warn_code_keys(d, where)
+        if d.get("is_decoder") or d.get("add_cross_attention"):
+            raise ConfigError(f"{where}: is_decoder/add_cross_attention is set; qkv runs BERT as an encoder only")
+        names = {f.name for f in dataclasses.fields(cls)} - {"add_pooling_layer", "where"}
+        kw = {k: d[k] for k in names if k in d and (d[k] is not None or k == "pad_token_id")}
+        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                               "num_attention_heads") if k not in kw]
+        if missing:
+            raise ConfigError(f"{where}: missing {', '.join(missing)}")
+        return cls(**kw, add_pooling_layer=add_pooling_layer, where=where)

@@ -4,6 +4,7 @@
     loaded = qkv.load("path/to/model.gguf")       # any Llama-architecture GGUF
     loaded = qkv.load("path/to/hf_model_dir")     # config.json + safetensors + tokenizer.json
     logits = loaded.model(ids)                    # (B, T, V)
+    loaded = qkv.load("minilm")                   # a BERT encoder: loaded.model(ids) -> hidden states (B, T, C)
 
 Weights are checked against the architecture by name and shape before anything is loaded
 (missing, unexpected and mis-shaped tensors are listed in the error); the model is built on the
@@ -19,8 +20,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import LlamaConfig
+from .config import BertConfig, LlamaConfig
 from .errors import ConfigError, ModelFormatError
+from .models.bert import BertModel
 from .models.llama import LlamaForCausalLM
 from .nn.quant import QuantizedLinear
 from .text.chat import ChatTemplate
@@ -31,7 +33,7 @@ from .weights.embedded import EMBEDDED, embedded_names, embedded_path
 from .weights.gguf import read_gguf
 from .weights.int4 import INT4_TYPES, int4_codes
 from .weights.maps import (GGUF_OPTIONAL_FLAGS, GGUF_ROPE_FREQS, GGUF_ROPE_PERMUTED, HF_IGNORED_SUFFIXES,
-                           gguf_llama_config, gguf_to_hf_name)
+                           gguf_llama_config, gguf_to_hf_name, hf_bert_state)
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -44,7 +46,7 @@ class Loaded:
     model: nn.Module
     tokenizer: Tokenizer
     chat_template: ChatTemplate | None
-    config: LlamaConfig
+    config: LlamaConfig | BertConfig
     name: str
     source: Path
     format: str  # "gguf" or "hf"
@@ -56,7 +58,7 @@ class Loaded:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.model.norm.weight.dtype
+        return next(p.dtype for p in self.model.parameters() if p.is_floating_point())  # the embedding's
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -166,20 +168,40 @@ def _load_gguf(name: str, path: Path, dtype: torch.dtype, *, fast: bool = False)
 
 
 def _attach_fast_decode(model: LlamaForCausalLM, codes: dict) -> str:
-    """Swap in QuantizedLinear: int4 copies of the Q4 matrices, a float16 copy of the unembedding."""
-    for path, (c, scale, zero) in codes.items():
+    """Swap in QuantizedLinear — int4 copies of the Q4 matrices (q/k/v and gate/up fused into one matmul
+    each), a float16 copy of the unembedding — used for one-token steps; prompts stay exact float32."""
+    n = 0
+    for i, layer in enumerate(model.model.layers):
+        for block, names in (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj"))):
+            keys = [f"model.layers.{i}.{block}.{name}" for name in names]
+            if all(k in codes for k in keys):
+                mods = [model.get_submodule(k) for k in keys]
+                fused = _fused_int4(mods, [codes.pop(k) for k in keys])
+                getattr(layer, block).fuse_qkv(fused) if block == "self_attn" else layer.mlp.fuse_gate_up(fused)
+                n += len(keys)
+    for path, (c, scale, zero) in codes.items():  # what was not fused (o_proj, down_proj, partial sets)
         old = model.get_submodule(path)
         model.set_submodule(path, QuantizedLinear.int4(old.weight, c, scale, zero, old.bias))
+        n += 1
     model.lm_head = QuantizedLinear.half(model.lm_head.weight)  # same Parameter: a tie stays a tie
-    return f"{len(codes)} matrices int4 + float16 unembedding for one-token steps; float32 otherwise"
+    return f"{n} matrices int4 + float16 unembedding for one-token steps; float32 otherwise"
+
+
+def _fused_int4(mods: list[nn.Linear], parts: list[tuple]) -> QuantizedLinear:
+    """One QuantizedLinear whose rows are the given projections' rows, in order."""
+    cat = lambda ts: torch.cat(ts, dim=0)  # noqa: E731
+    bias = None if mods[0].bias is None else cat([m.bias.detach() for m in mods])
+    return QuantizedLinear.int4(cat([m.weight.detach() for m in mods]), *(cat(list(p)) for p in zip(*parts)), bias)
 
 
 def _load_hf_dir(name: str, path: Path, dtype: torch.dtype) -> Loaded:
     raw = hf.read_json(path / "config.json", what="the model configuration")
     kind = raw.get("model_type")
+    if kind == "bert":
+        return _load_bert_dir(name, path, dtype, raw)
     if kind != "llama":
-        raise ModelFormatError(f"{path / 'config.json'}: model_type {kind!r} is not supported here "
-                               "(qkv.load runs llama; BERT encoders load with qkv.load_encoder)")
+        raise ModelFormatError(f"{path / 'config.json'}: model_type {kind!r} is not supported "
+                               "(qkv runs llama decoders and bert encoders)")
     cfg = LlamaConfig.from_dict({"name": name, **raw}, where=str(path / "config.json"))
     state = hf.load_safetensors(hf.weight_files(path), dtype)
     for key in [k for k in state if k.endswith(HF_IGNORED_SUFFIXES)]:
@@ -193,7 +215,21 @@ def _load_hf_dir(name: str, path: Path, dtype: torch.dtype) -> Loaded:
     return Loaded(model, tokenizer, template, cfg, name, path, "hf", {"parameters": _count(model)})
 
 
-def _check_vocab(tokenizer: Tokenizer, cfg: LlamaConfig, source: str) -> None:
+def _load_bert_dir(name: str, path: Path, dtype: torch.dtype, raw: dict) -> Loaded:
+    """A BERT encoder directory: config, renamed weights (pooler if the file has one), tokenizer.json."""
+    state = hf_bert_state(hf.load_safetensors(hf.weight_files(path), dtype), source=str(path))
+    cfg = BertConfig.from_dict({"name": name, **raw}, where=str(path / "config.json"),
+                               add_pooling_layer="pooler.dense.weight" in state)
+    tokenizer = Tokenizer.from_hf_dir(path)
+    _check_vocab(tokenizer, cfg, str(path))
+    with torch.device("meta"):
+        model = BertModel(cfg)
+    check_state(model, state, source=str(path))
+    model.load_state_dict(state, strict=False, assign=True)
+    return Loaded(model, tokenizer, None, cfg, name, path, "hf", {"parameters": _count(model)})
+
+
+def _check_vocab(tokenizer: Tokenizer, cfg: LlamaConfig | BertConfig, source: str) -> None:
     """Every id the tokenizer can produce needs a row of the embedding (RELIABILITY S8)."""
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ModelFormatError(f"{source}: the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size "

@@ -20,9 +20,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..embed import _check_sentences, embed
+    from ..embed import check_sentences, embed
 
-    _check_sentences(args.texts)  # before loading the model: a typo costs no load time
+    check_sentences(args.texts)  # before loading the model: a typo costs no load time
     loaded = load_model(args)
     vectors = embed(loaded, args.texts, normalize=not args.no_normalize, batch_size=args.batch_size).cpu()
     cosine = _cosine(vectors) if len(args.texts) > 1 else None

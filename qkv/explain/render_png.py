@@ -36,9 +36,12 @@ _FALLBACK_FONTS = ("DejaVu Sans", "Noto Sans CJK JP", "Noto Sans CJK SC", "WenQu
 
 def safe_filename(name: str, suffix: str = ".png") -> str:
     """A file name made from untrusted text (a model name, a title): only ``[A-Za-z0-9._-]``, no leading
-    dots, at most 120 characters, so ``../../x`` or ``/etc/x`` can never leave the chosen directory."""
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("._-")[:120].rstrip("._-") or "qkv"
-    return stem + suffix
+    dots, at most 120 characters, so ``../../x`` or ``/etc/x`` can never leave the chosen directory. A long
+    name keeps its start and its end, where callers put what tells their files apart."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("._-")
+    if len(stem) > 120:
+        stem = stem[:60] + "_" + stem[-59:]
+    return (stem or "qkv") + suffix
 
 
 def bar_chart_png(labels: Sequence[str], values: Iterable[float], path: str | os.PathLike, *,

@@ -16,6 +16,8 @@ def prompt_ids(loaded, prompt: str | Sequence[Mapping[str, Any]], *, chat: bool 
     ``chat=None`` means: a list of messages is a conversation, a string is plain text. ``chat=True``
     with a string makes it one user message (after an optional system message).
     """
+    if not getattr(loaded.model, "is_causal", True):
+        raise InputError(f"{loaded.name} is an encoder, it does not generate text; use a decoder such as smollm2")
     if isinstance(prompt, str) and not chat:
         if system:
             raise InputError("a system message needs chat mode (--chat)")

@@ -87,3 +87,49 @@ def gguf_llama_config(metadata: dict, *, source: str) -> dict:
         d["vocab_size"] = len(metadata["tokenizer.ggml.tokens"])
     d["name"] = str(metadata.get("general.name") or arch)
     return d
+
+
+# Hugging Face BERT parameter name -> qkv's (qkv.models.bert); {i} is the layer index. Identity except
+# the attention block, which is the shared MultiHeadAttention (q/k/v/o_proj) with its Add & Norm beside it.
+HF_BERT_TENSORS: dict[str, str] = {
+    **{f"embeddings.{n}.{p}": f"embeddings.{n}.{p}"
+       for n, p in (("word_embeddings", "weight"), ("position_embeddings", "weight"),
+                    ("token_type_embeddings", "weight"), ("LayerNorm", "weight"), ("LayerNorm", "bias"))},
+    **{f"encoder.layer.{{i}}.{hf}.{p}": f"encoder.layer.{{i}}.{ours}.{p}" for p in ("weight", "bias")
+       for hf, ours in (("attention.self.query", "attention.q_proj"),
+                        ("attention.self.key", "attention.k_proj"),
+                        ("attention.self.value", "attention.v_proj"),
+                        ("attention.output.dense", "attention.o_proj"),
+                        ("attention.output.LayerNorm", "attention_layernorm"),
+                        ("intermediate.dense", "intermediate.dense"),
+                        ("output.dense", "output.dense"),
+                        ("output.LayerNorm", "output.LayerNorm"))},
+    "pooler.dense.weight": "pooler.dense.weight",
+    "pooler.dense.bias": "pooler.dense.bias",
+}
+# prefix a BERT checkpoint saved from a task model (BertForMaskedLM, …) puts before the encoder's names
+HF_BERT_PREFIX = "bert."
+# tensors that are not encoder weights: the position-id buffer, and the pretraining heads (MLM/NSP)
+HF_BERT_IGNORED = ("embeddings.position_ids", "cls.")
+
+_HF_BERT_PATTERNS = _patterns(HF_BERT_TENSORS)
+
+
+def hf_bert_state(state: dict, *, source: str) -> dict:
+    """Rename a BERT checkpoint's tensors to qkv's names (with or without the ``bert.`` prefix).
+
+    Ignored tensors are dropped; a name the table does not know is kept as it is, so that the strict
+    check after it lists it as unexpected together with everything else that does not fit.
+    """
+    out: dict = {}
+    for name, t in state.items():
+        bare = name.removeprefix(HF_BERT_PREFIX)
+        if bare.startswith(HF_BERT_IGNORED):
+            continue
+        target = next((tgt.replace("{i}", m.group(1)) if m.groups() else tgt
+                       for pat, tgt in _HF_BERT_PATTERNS if (m := pat.match(bare))), name)
+        if target in out:
+            raise ModelFormatError(f"{source}: tensor {target!r} appears both with and without the "
+                                   f"{HF_BERT_PREFIX!r} prefix")
+        out[target] = t
+    return out
