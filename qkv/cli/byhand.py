@@ -8,7 +8,7 @@ import sys
 
 from ..errors import InputError
 from ..explain import byhand, byhand_render
-from .io import write_text
+from ..io import write_text
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -53,9 +53,9 @@ def run(args: argparse.Namespace) -> int:
         bar_chart_png(labels, values, args.png, title=title)
     if args.html:
         from ..explain.render_html import explorer_html
-        from .io import write_text
+        from ..io import write_text
 
-        write_text(args.html, explorer_html(rec, title=f"qkv explain — {rec.model}"))
+        write_text(args.html, explorer_html(rec, title=f"qkv explain — {rec.model}", query=positions[-1]))
     return 0
 
 
@@ -76,8 +76,6 @@ def _chart_data(rec, positions, args):
     from ..explain.record import sum_over_words
 
     values = sum_over_words(rows, rec.key_words)
-    labels = rec.word_labels("key")
-    q_span = next(i for i, (a, b) in enumerate(rec.query_words) if a <= positions[0] < b)
-    key_of_query = [i for i, (a, b) in enumerate(rec.key_words) if a <= positions[0] < b]
-    del q_span
-    return labels, values, key_of_query[0] if key_of_query else None
+    # the query word's own bar (absent when it was the dropped sink token)
+    own = [i for i, (a, b) in enumerate(rec.key_words) if a <= positions[0] - rec.sink_removed < b]
+    return rec.word_labels("key"), values, own[0] if own else None

@@ -46,7 +46,7 @@ def _generate_with_html(loaded, prompt, args, out) -> int:
     """Stream as usual while recording each new token's attention row; write the explorer at the end."""
     from ..explain.capture import capture_generation
     from ..explain.render_html import explorer_html
-    from .io import write_text
+    from ..io import write_text
 
     conversation = [{"role": "system", "content": args.system}] if args.system else []
     source = conversation + [{"role": "user", "content": prompt}] if args.chat else prompt

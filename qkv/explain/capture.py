@@ -161,10 +161,7 @@ def word_positions(loaded, text: str, word: str, occurrence: int = 1) -> list[in
     ids, offsets, special = loaded.tokenizer.encode_with_offsets(text)
     spans = word_spans(text, offsets, special)
     tokens = loaded.tokenizer.token_strings(ids)
-    labels = ["".join(tokens[a:b]).strip() for a, b in spans]
     probe = AttentionRecord(torch.zeros(1, 1, 1, len(ids)), tokens, tokens, [0], [0], [0],
-                            key_words=spans, query_words=spans)
-    index = probe.find_word(word, occurrence)
-    a, b = spans[index]
-    del labels
+                            key_words=spans, query_words=spans)  # only for its word lookup
+    a, b = spans[probe.find_word(word, occurrence)]
     return list(range(a, b))

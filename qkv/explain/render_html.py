@@ -240,7 +240,9 @@ _JS = r"""
   function visible(s) {
     if (s === "") return "''";
     const sym = {" ": "\u2423", "\t": "\u21e5", "\n": "\u21b5", "\r": "\u240d"};
-    if (/^\s+$/.test(s)) return Array.from(s).map((c) => sym[c] || "\\u" + c.charCodeAt(0).toString(16)).join("");
+    if (/^\s+$/.test(s)) {
+      return Array.from(s).map((c) => sym[c] || "\\u" + c.charCodeAt(0).toString(16).padStart(4, "0")).join("");
+    }
     return s.replace(/[\n\r\t]/g, (c) => sym[c])
             .replace(/[\u0000-\u001f\u007f-\u009f\u2028\u2029]/g,
                      (c) => "\\x" + c.charCodeAt(0).toString(16).padStart(2, "0"));
@@ -268,9 +270,8 @@ _JS = r"""
   }
   function lhRow(li, hi, qi, sink) {  // one (layer, head) row of captured query qi
     const r = (li * H + hi) * QS + qi;
-    let row;
-    if (D.mode === "full") row = {vals: Float64Array.from(W.w.subarray(r * K, r * K + K)), known: null, rest: 0};
-    else row = sparseRow(W.lh, r);
+    const row = D.mode === "full" ? {vals: Float64Array.from(W.w.subarray(r * K, r * K + K)), known: null, rest: 0}
+                                  : sparseRow(W.lh, r);
     return sink ? renorm(row) : row;
   }
   function meanRows(rows) {
@@ -318,7 +319,9 @@ _JS = r"""
     if (!ST.words) {
       const row = selRow(li, hi, ST.q, sink);
       const idx = [], vals = [];
-      for (let j = sink ? 1 : 0; j < K; j++) if (!row.known || row.known[j]) { idx.push(j); vals.push(row.vals[j]); }
+      for (let j = sink ? 1 : 0; j < K; j++) {
+        if (!row.known || row.known[j]) { idx.push(j); vals.push(row.vals[j]); }
+      }
       return {idx: idx, vals: vals, rest: row.rest, labels: D.key_tokens, sparse: !!row.known};
     }
     const row = wordSums(meanRows(pieces(ST.q).map((qi) => selRow(li, hi, qi, sink))), sink);
@@ -354,7 +357,7 @@ _JS = r"""
     const lab = el("span", "label", visible(label));
     lab.title = label;
     if (key !== null && !ST.words && D.key_roles.length) lab.title = label + " [" + D.key_roles[key] + "]";
-    fill.style.width = (Number.isFinite(v) && top > 0 ? Math.max(0, v) / top * 100 : 0) + "%";
+    fill.style.width = (Number.isFinite(v) && top > 0 ? Math.min(1, Math.max(0, v) / top) * 100 : 0) + "%";
     track.appendChild(fill);
     b.append(lab, track, el("span", "num", fmt(v)));
     return b;
@@ -369,7 +372,10 @@ _JS = r"""
   function queryLabel() {
     return ST.words ? D.query_word_labels[ST.q] : D.query_tokens[D.queries[ST.q]];
   }
-  function selName(i, names, what) { return i < 0 ? "mean of " + names.length + " " + what + "s" : what + " " + names[i]; }
+  function selName(i, names, what) {
+    if (i < 0 && names.length === 1) return what + " " + names[0];
+    return i < 0 ? "mean of " + names.length + " " + what + "s" : what + " " + names[i];
+  }
   function captionText() {
     const parts = [selName(ST.layer, D.layers, "layer"), selName(ST.head, D.heads, "head"),
                    ST.words ? "word view" : "token view"];
@@ -391,7 +397,11 @@ _JS = r"""
     }
     ctx.putImageData(img, 0, 0);
   }
-  function maxFinite(a) { let m = 0; for (const v of a) if (Number.isFinite(v) && v > m) m = v; return m > 0 ? m : 1; }
+  function maxFinite(a) {  // the colour scale: largest finite value (1 if none is above 0)
+    let m = 0;
+    for (const v of a) if (Number.isFinite(v) && v > m) m = v;
+    return m > 0 ? m : 1;
+  }
   function pool(cells, bin, v) {  // max-pooling in which an invalid (NaN/Inf) weight always shows
     if (Number.isNaN(cells[bin])) return;
     cells[bin] = Number.isFinite(v) ? Math.max(cells[bin], v) : NaN;
@@ -406,7 +416,9 @@ _JS = r"""
       const cells = new Float64Array(rows * cols);
       for (let qi = 0; qi < QS; qi++) {
         const row = selRow(li, h, qi, sink), r = Math.floor(qi * rows / QS);
-        for (let j = 0; j < K; j++) if (!row.known || row.known[j]) pool(cells, r * cols + Math.floor(j * cols / K), row.vals[j]);
+        for (let j = 0; j < K; j++) {
+          if (!row.known || row.known[j]) pool(cells, r * cols + Math.floor(j * cols / K), row.vals[j]);
+        }
       }
       const fig = el("figure"), cv = document.createElement("canvas");
       cv.width = cols; cv.height = rows;
@@ -449,11 +461,12 @@ _JS = r"""
       table.appendChild(tr);
     }
     box.appendChild(table);
-    $("modelcap").textContent = "Model view \u2014 \u201c" + visible(queryLabel()) +
-      "\u201d in every layer \u00d7 head (darker = more attention, each scaled to its own maximum); click to select";
+    $("modelcap").textContent = "Model view \u2014 \u201c" + visible(queryLabel()) + "\u201d in every layer " +
+      "\u00d7 head (darker = more attention, each scaled to its own maximum); click to select";
   }
   function thumb(l, h) {
-    const row = currentRow(l, h), n = Math.max(1, row.labels.length), cols = Math.min(n, 96), cells = new Float64Array(cols);
+    const row = currentRow(l, h), n = Math.max(1, row.labels.length), cols = Math.min(n, 96);
+    const cells = new Float64Array(cols);
     row.idx.forEach((i, m) => pool(cells, Math.floor(i * cols / n), row.vals[m]));
     const td = el("td"), cv = document.createElement("canvas");
     cv.width = cols; cv.height = 1;
@@ -515,7 +528,8 @@ _JS = r"""
   function init() {
     $("title").textContent = D.title;
     document.title = D.title;
-    $("meta").textContent = [D.model && "model: " + D.model, "attention: " + D.kind, D.note].filter(Boolean).join(" \u00b7 ");
+    const meta = [D.model && "model: " + D.model, "attention: " + D.kind, D.note];
+    $("meta").textContent = meta.filter(Boolean).join(" \u00b7 ");
     const notes = [];
     if (D.mode === "topk") notes.push("Long input: each layer/head/query row embeds only its " + D.k +
       " largest weights plus the first token; \u201cother keys\u201d is the rest of the row's mass. " +

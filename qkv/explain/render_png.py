@@ -11,6 +11,7 @@ written beside the target and renamed, so a failure leaves no partial file.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
@@ -21,9 +22,10 @@ from typing import Iterable, Sequence
 
 import torch
 
+from ..errors import InputError
 from .record import AttentionRecord
 
-INVALID_COLOUR = "#e8298a"  # NaN / Inf cells: a magenta no colour map here produces
+INVALID_COLOUR = "#e8298a"  # NaN / Inf cells: a magenta that the blue colour map never produces
 _CMAP = "Blues"
 _MAX_TICK_LABELS = 60
 _THUMB = 48  # model-view thumbnails are max-pooled to at most this many cells per side
@@ -51,8 +53,6 @@ def bar_chart_png(labels: Sequence[str], values: Iterable[float], path: str | os
     title. Returns the path written."""
     vals = [float(v) for v in values]
     if len(vals) != len(labels):
-        from ..errors import InputError
-
         raise InputError(f"bar chart: {len(labels)} labels but {len(vals)} values")
     with _style():
         fig = _bar_figure([visible(s) for s in labels], vals, title)
@@ -63,6 +63,8 @@ def heatmap_png(record: AttentionRecord, path: str | os.PathLike, *, layer: int 
                 head: int | None = None, words: bool = True) -> Path:
     """Captured queries (rows) x keys (columns) for one layer/head, or the mean over the captured ones
     (None). Word view follows the record's rule: mean over a query word's pieces, sum over key pieces."""
+    if not record.queries:
+        raise InputError("the record has no captured query rows to draw; capture with queries=None or a list")
     rows, cols, matrix = _heatmap_data(record, layer, head, words)
     title = _heat_title(record, layer, head, words)
     with _style():
@@ -73,7 +75,7 @@ def heatmap_png(record: AttentionRecord, path: str | os.PathLike, *, layer: int 
 def model_view_png(record: AttentionRecord, path: str | os.PathLike) -> Path:
     """Every captured layer (rows) x head (columns) as a thumbnail of its queries x keys matrix, each
     scaled to its own largest finite weight so that faint heads still show their pattern."""
-    mosaic, n_l, n_h = _mosaic(record.weights)
+    mosaic = _mosaic(record.weights)
     title = f"{record.model or 'attention'}: layers x heads (each thumbnail scaled to its own maximum)"
     if record.sink_removed:
         title += ", first token (sink) removed"
@@ -103,9 +105,8 @@ def _escape_char(ch: str) -> str:
 
 def _heatmap_data(rec: AttentionRecord, layer, head, words) -> tuple[list[str], list[str], torch.Tensor]:
     if not words:
-        rows = [rec.row(q, layer, head) for q in rec.queries]
-        return ([visible(rec.query_tokens[q]) for q in rec.queries], [visible(t) for t in rec.key_tokens],
-                torch.stack(rows) if rows else torch.zeros(0, len(rec.key_tokens)))
+        matrix = torch.stack([rec.row(q, layer, head) for q in rec.queries])
+        return [visible(rec.query_tokens[q]) for q in rec.queries], [visible(t) for t in rec.key_tokens], matrix
     spans = rec.query_words or [(i, i + 1) for i in range(len(rec.query_tokens))]
     captured = set(rec.queries)
     chosen = [i for i, (a, b) in enumerate(spans) if any(q in captured for q in range(a, b))]
@@ -130,7 +131,7 @@ def _finite_max(t: torch.Tensor) -> float:
     return top if top > 0 else 1.0
 
 
-def _mosaic(weights: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+def _mosaic(weights: torch.Tensor) -> torch.Tensor:
     """(L, H, Q, K) -> one RGBA-ready grid: each (layer, head) max-pooled to <= _THUMB cells a side and
     divided by its own finite maximum; -1 marks an invalid (NaN/Inf) cell, -2 the gaps between tiles."""
     n_l, n_h, n_q, n_k = weights.shape
@@ -140,7 +141,7 @@ def _mosaic(weights: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         for hi in range(n_h):
             tile = _pool_tile(weights[li, hi], th, tw)
             out[1 + li * (th + 1):1 + li * (th + 1) + th, 1 + hi * (tw + 1):1 + hi * (tw + 1) + tw] = tile
-    return out, n_l, n_h
+    return out
 
 
 def _pool_tile(m: torch.Tensor, th: int, tw: int) -> torch.Tensor:
@@ -160,8 +161,6 @@ def _pool_tile(m: torch.Tensor, th: int, tw: int) -> torch.Tensor:
 def _style():
     """Literal text, fonts with fallbacks for CJK/emoji when the system has them, and no warnings for
     glyphs that no installed font has (they render as a placeholder box, which is the intent)."""
-    import contextlib
-
     import matplotlib
     from matplotlib import font_manager
 
@@ -280,7 +279,7 @@ def _model_figure(mosaic: torch.Tensor, layers: list[int], heads: list[int], tit
 
 def _save(fig, path: str | os.PathLike, default_name: str) -> Path:
     """Render to memory, then write atomically; a directory as ``path`` gets a sanitised file name."""
-    from ..cli.io import write_bytes
+    from ..io import write_bytes
 
     target = Path(path)
     if target.is_dir():

@@ -25,8 +25,9 @@ def _label(s: str) -> str:
 
 
 def view_title(rec: AttentionRecord, query_label: str, layer: int | None, head: int | None, words: bool) -> str:
-    where = f"layer {layer}" if layer is not None else f"mean of {len(rec.layers)} layers"
-    who = f"head {head}" if head is not None else f"mean of {len(rec.heads)} heads"
+    n_l, n_h = len(rec.layers), len(rec.heads)
+    where = f"layer {layer}" if layer is not None else f"layer {rec.layers[0]}" if n_l == 1 else f"mean of {n_l} layers"
+    who = f"head {head}" if head is not None else f"head {rec.heads[0]}" if n_h == 1 else f"mean of {n_h} heads"
     parts = [f"{query_label!r} attends to", f"{rec.model}", where, who, "word view" if words else "token view"]
     if rec.sink_removed:
         parts.append("first token (sink) removed, renormalised")

@@ -212,3 +212,14 @@ def test_script_has_no_html_sinks():
     for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(", "Function("):
         assert sink not in js
     assert not re.search(r"</script", js, re.I) and "<!--" not in js
+
+
+def test_cross_attention_record(make_record):
+    """Queries and keys from different texts (encoder-decoder): both token lists travel, unmixed."""
+    src, tgt = ["Das", " Ufer", " des", " Flusses"], ["the", " river", " bank"]
+    w = torch.rand(1, 2, 3, 4)
+    rec = type(make_record(1, 1, ["a"]))(w / w.sum(-1, keepdim=True), tgt, src, [0, 1, 2], [0], [0, 1],
+                                         kind="cross")
+    data = _island(explorer_html(rec))
+    assert data["query_tokens"] == tgt and data["key_tokens"] == src and data["kind"] == "cross"
+    assert data["key_words"] == [[i, i + 1] for i in range(4)] and len(data["nosink_key_words"]) == 3

@@ -120,10 +120,18 @@ def test_label_value_mismatch_is_an_input_error(tmp_path):
         bar_chart_png(["a", "b"], [1.0], tmp_path / "x.png")
 
 
+def test_no_captured_rows_is_an_input_error(tmp_path, make_record):
+    rec = make_record(1, 1, ["a", "b"])
+    empty = type(rec)(torch.zeros(1, 1, 0, 2), ["a", "b"], ["a", "b"], [], [0], [0])
+    with pytest.raises(InputError, match="no captured query"):
+        heatmap_png(empty, tmp_path / "h.png")
+    _decoded(model_view_png(empty, tmp_path / "m.png"))
+
+
 def test_failed_write_leaves_no_file(tmp_path, monkeypatch):
     """ENOSPC at the rename: the error is reported, no partial or temp file remains, an older file with
     the same name is untouched."""
-    import qkv.cli.io as io
+    import qkv.io as io
 
     target = tmp_path / "bank.png"
     target.write_bytes(b"old")

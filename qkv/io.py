@@ -6,12 +6,18 @@ import os
 import tempfile
 from pathlib import Path
 
-from ..errors import InputError
+from .errors import InputError
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
     """Write atomically: a temp file beside the target, fsync, rename — never a half-written file."""
     return write_bytes(path, text.encode("utf-8"))
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -28,6 +34,7 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; an output file gets the usual mode
         os.replace(tmp, target)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
