@@ -184,7 +184,11 @@ class MultiHeadAttention(nn.Module):
             if positions is None:
                 start = cache.offset if cache is not None else 0  # new tokens continue the cached ones
                 positions = torch.arange(start, start + x.shape[1], device=x.device)
-            q, k = self.rope(q, positions), self.rope(k, positions)
+            if self.qkv_proj is not None:  # q and k are adjacent heads of one tensor: rotate them in one call
+                q, k = self.rope(qkv[:, :self.n_heads + self.n_kv_heads], positions).split(
+                    [self.n_heads, self.n_kv_heads], dim=1)
+            else:
+                q, k = self.rope(q, positions), self.rope(k, positions)
         if cache is not None:
             k, v = cache.update(k, v)  # (B, K, offset + T, D)
         return q, k, v
