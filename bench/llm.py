@@ -4,9 +4,11 @@
 
 Each engine runs in a fresh process on the same GGUF file (transformers dequantises it to float32 and
 runs with attn_implementation="sdpa"; llama-cpp-python, if importable, runs the Q4_1 file as is):
-load time, prefill tokens/s for 128- and 512-token prompts (median of 3), greedy decode tokens/s over
-``--new-tokens`` new tokens after a 16-token prompt (each engine's own KV cache, a plain loop), and
-the process's peak RSS. qkv runs twice: dtype="auto" (float32 weights + int4/float16 copies for
+load time, prefill tokens/s for 128- and 512-token prompts (median of 7), greedy decode tokens/s over
+``--new-tokens`` new tokens after a 16-token prompt (each engine's own KV cache, a plain loop; median
+of 3 runs), and the process's peak RSS. This 2-core machine is noisy from run to run (±30 % seen on
+single timings), hence the medians and ``--rounds``: the whole set of engines is run that many times,
+interleaved, and each figure is the median over rounds. qkv runs twice: dtype="auto" (float32 weights + int4/float16 copies for
 one-token steps) and dtype="float32" (exact weights only).
 """
 
@@ -122,16 +124,19 @@ def measure(load_s, tok, prefill, decode) -> dict:
         ids = prompt_ids(tok, n)
         prefill(ids)  # warm-up
         times = []
-        for _ in range(3):
+        for _ in range(7):
             t0 = time.perf_counter()
             prefill(ids)
             times.append(time.perf_counter() - t0)
         res[f"prefill{n}_tok_s"] = n / statistics.median(times)
     ids = prompt_ids(tok, 16)
     decode(ids[:4])  # warm-up
-    t0 = time.perf_counter()
-    out = decode(ids)
-    res["decode_tok_s"] = len(out) / (time.perf_counter() - t0)
+    rates = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        out = decode(ids)
+        rates.append(len(out) / (time.perf_counter() - t0))
+    res["decode_tok_s"] = statistics.median(rates)
     res["decoded"] = len(out)
     res["peak_rss_mb"] = peak_rss_mb()
     return res
@@ -158,24 +163,33 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--engines", nargs="+", default=ENGINES, choices=ENGINES)
+    ap.add_argument("--rounds", type=int, default=2, help="run every engine this many times, interleaved")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         worker(args.worker, args.threads, args.new_tokens)
         return
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", OMP_NUM_THREADS=str(args.threads))
-    results = {}
-    for engine in args.engines:
-        cmd = [sys.executable, __file__, "--worker", engine, "--threads", str(args.threads),
-               "--new-tokens", str(args.new_tokens)]
-        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if r.returncode != 0:
-            last = (r.stderr.strip().splitlines() or ["?"])[-1]
-            results[engine] = {"skipped": last[:120]}
-        else:
-            results[engine] = json.loads(r.stdout.strip().splitlines()[-1])
-        print(engine, results[engine], file=sys.stderr, flush=True)
-    print_table(results, args)
+    runs: dict[str, list[dict]] = {e: [] for e in args.engines}
+    for _ in range(args.rounds):
+        for engine in args.engines:
+            cmd = [sys.executable, __file__, "--worker", engine, "--threads", str(args.threads),
+                   "--new-tokens", str(args.new_tokens)]
+            r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if r.returncode != 0:
+                last = (r.stderr.strip().splitlines() or ["?"])[-1]
+                runs[engine].append({"skipped": last[:120]})
+            else:
+                runs[engine].append(json.loads(r.stdout.strip().splitlines()[-1]))
+            print(engine, runs[engine][-1], file=sys.stderr, flush=True)
+    print_table({e: _median(rs) for e, rs in runs.items()}, args)
+
+
+def _median(rs: list[dict]) -> dict:
+    ok = [r for r in rs if "skipped" not in r]
+    if not ok:
+        return rs[0]
+    return {k: statistics.median(r[k] for r in ok) for k in ok[0]}
 
 
 def print_table(results: dict, args) -> None:
@@ -183,7 +197,8 @@ def print_table(results: dict, args) -> None:
     cols = [("load_s", "load (s)", "{:.2f}"), ("prefill128_tok_s", "prefill 128 (tok/s)", "{:.0f}"),
             ("prefill512_tok_s", "prefill 512 (tok/s)", "{:.0f}"), ("decode_tok_s", "decode (tok/s)", "{:.1f}"),
             ("peak_rss_mb", "peak RSS (MiB)", "{:.0f}")]
-    print(f"\nSmolLM2-135M-Instruct, {args.threads} threads, decode over {args.new_tokens} new tokens\n")
+    print(f"\nSmolLM2-135M-Instruct, {args.threads} threads, decode over {args.new_tokens} new tokens, "
+          f"median of {args.rounds} interleaved rounds\n")
     print("| engine | " + " | ".join(c[1] for c in cols) + " |")
     print("|---|" + "---|" * len(cols))
     for engine, r in results.items():

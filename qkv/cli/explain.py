@@ -20,6 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", action="store_true", help="token view (default: word view)")
     p.add_argument("--no-sink", action="store_true",
                    help="drop the first token (BOS / attention sink) and renormalise")
+    p.add_argument("--heatmap", action="store_true",
+                   help="also print the whole queries x keys heatmap of the chosen layer/head (token view)")
     p.add_argument("--format", choices=["text", "json"], default="text")
     p.add_argument("--png", metavar="FILE", help="also write the bar chart as a PNG")
     p.add_argument("--html", metavar="FILE", help="also write the interactive HTML explorer")
@@ -36,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
     heads = None if args.html else ([args.head] if args.head is not None else None)
     _check_range(loaded, args.layer, args.head)
     positions = word_positions(loaded, args.text, args.token, args.occurrence)
-    rec = capture(loaded, args.text, layers=layers, heads=heads, queries=None if args.html else positions)
+    every_row = args.html or args.heatmap
+    rec = capture(loaded, args.text, layers=layers, heads=heads, queries=None if every_row else positions)
     view = rec.without_sink() if args.no_sink else rec
     labels, values, highlight = _chart_data(view, positions, args)
     title = view_title(view, args.token, args.layer, args.head, not args.tokens)
@@ -47,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
                           "weights": [round(float(v), 6) for v in values]}, ensure_ascii=False))
     else:
         sys.stdout.write(bar_chart(labels, values, title=title, highlight=highlight))
+        if args.heatmap:
+            sys.stdout.write("\n" + _heatmap(view, args))
     if args.png:
         from ..explain.render_png import bar_chart_png
 
@@ -57,6 +62,23 @@ def run(args: argparse.Namespace) -> int:
 
         write_text(args.html, explorer_html(rec, title=f"qkv explain — {rec.model}", query=positions[-1]))
     return 0
+
+
+def _heatmap(rec, args) -> str:
+    """Queries x keys of one layer/head (or their mean), token view."""
+    from ..explain.render_text import heatmap
+
+    w = rec.weights
+    w = w[rec.index_of_layer(args.layer)][None] if args.layer is not None else w
+    w = w[:, rec.index_of_head(args.head)][:, None] if args.head is not None else w
+    title = "heatmap — " + view_title_short(rec, args)
+    return heatmap([rec.query_tokens[q] for q in rec.queries], rec.key_tokens, w.mean(dim=(0, 1)), title=title)
+
+
+def view_title_short(rec, args) -> str:
+    where = f"layer {args.layer}" if args.layer is not None else "mean over layers"
+    who = f"head {args.head}" if args.head is not None else "mean over heads"
+    return f"{rec.model}, {where}, {who}, rows = queries, columns = keys" + (", sink removed" if rec.sink_removed else "")
 
 
 def _check_range(loaded, layer, head) -> None:

@@ -176,7 +176,7 @@ def _sdpa(q, k, v, mask, causal, scale, window, dropout_p):
 def tiled_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None = None,
     causal: bool = False, scale: float | None = None, window: int | None = None, dropout_p: float = 0.0,
-    block_q: int = 1024, block_k: int = 512,
+    block_q: int = 256, block_k: int = 512,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Online-softmax attention in blocks: returns (out (B, H, T, Dv), lse (B, H, T) fp32).
 
