@@ -63,8 +63,10 @@ def overhead_worker(t, causal, threads):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(B, H, t, D, generator=g) for _ in range(3))
     fns = (make_fn("auto", causal), make_fn("sdpa_direct", causal))
+    for fn in fns:  # warm-up: first-touch allocations and thread pools are not what is compared
+        fn(q, k, v)
     times = ([], [])
-    n = 400 if t <= 512 else 20 if t <= 2048 else 3
+    n = 400 if t <= 512 else 20 if t <= 2048 else 5
     for _ in range(n):
         for i, fn in enumerate(fns):
             start = time.perf_counter()
