@@ -129,3 +129,39 @@ def test_explain_bad_input_exits_2_with_one_line(capsys, argv, match):
     code, out, err = run_cli(capsys, *argv)
     assert code == 2 and out == ""
     assert err.startswith("qkv: error: ") and err.count("\n") == 1 and match in err, err
+
+
+def test_explain_heatmap_png_and_html_outputs(capsys, tmp_path):
+    png, page = tmp_path / "bank.png", tmp_path / "bank.html"
+    code, out, err = run_cli(capsys, TEXT, "--token", "bank", "--layer", "3", "--heatmap", "--png", str(png),
+                             "--html", str(page))
+    assert code == 0, err
+    assert "heatmap — smollm2, layer 3, mean over heads" in out and "keys: 0=He" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    html = page.read_text(encoding="utf-8")
+    assert 'id="qkv-data"' in html and "http://" not in html and "https://" not in html
+
+
+def test_generation_capture_rows_roles_and_html(smollm2, tmp_path, capsys):
+    """Each generated token's row covers exactly the keys that existed at its step; roles are marked."""
+    from qkv.explain.capture import capture_generation
+
+    msgs = [{"role": "user", "content": "Name a colour."}]
+    pieces, record = [], None
+    for piece, rec in capture_generation(smollm2, msgs, temperature=0, max_new_tokens=5, layers=[0, 29]):
+        pieces.append(piece) if piece is not None else None
+        record = rec or record
+    n_new = sum(p.token_id is not None for p in pieces)
+    assert record.weights.shape[:3] == (2, 9, n_new) and record.layers == [0, 29]
+    for i, q in enumerate(record.queries):
+        row = record.weights[:, :, i]
+        torch.testing.assert_close(row[..., :q + 1].sum(-1), torch.ones(2, 9), atol=1e-5, rtol=0)
+        assert torch.all(row[..., q + 1:] == 0)  # keys that did not exist yet
+    assert {"system", "user", "assistant", "generated"} <= set(record.key_roles)
+    assert record.key_roles[record.queries[0] + 1] == "generated"
+    page = tmp_path / "gen.html"
+    code = main(["generate", "Name a colour.", "--chat", "-t", "0", "-n", "4", "--html", str(page),
+                 "--threads", "1"])
+    out, err = capsys.readouterr()
+    assert code == 0, err and out.strip()
+    assert 'id="qkv-data"' in page.read_text(encoding="utf-8")
