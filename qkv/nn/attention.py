@@ -56,11 +56,11 @@ def attention(
     Returns:
         out (B, H, T, Dv); or a tuple ``(out, weights)``, ``(out, lse)`` or ``(out, weights, lse)``.
     """
+    user_scale = scale
     scale = _check(q, k, v, mask, scale, window, dropout_p, impl)
     impl = _choose(impl, return_weights, return_lse)
-    if impl == "sdpa":
-        out = _sdpa(q, k, v, mask, causal, scale, window, dropout_p)
-        return out
+    if impl == "sdpa":  # the default scale is left to SDPA itself: the very call a user would make
+        return _sdpa(q, k, v, mask, causal, None if user_scale is None else scale, window, dropout_p)
     if impl == "tiled":
         if return_weights:
             raise ShapeError("impl='tiled' never builds the weight matrix: use attention_rows() with its lse")
