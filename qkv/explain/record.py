@@ -16,7 +16,6 @@ and renormalises each row; every renderer labels such a view.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -167,8 +166,3 @@ def check_finite_rows(w: torch.Tensor) -> None:
     bad = ((s - 1).abs() > 1e-4) & (s.abs() > 1e-6)
     if bool(bad.any()):
         raise InputError(f"attention rows do not sum to 1 (worst {float((s - 1).abs().max()):.2e})")
-
-
-def entropy_bits(row: torch.Tensor) -> float:
-    p = row[row > 0]
-    return float(-(p * torch.log2(p)).sum()) if p.numel() else math.nan
