@@ -163,6 +163,8 @@ def _sdpa(q, k, v, mask, causal, scale, window, dropout_p):
     """PyTorch's fused attention. Its is_causal is top-left aligned, so T != S gets an explicit mask."""
     t, s = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
+    if causal and t == 1 and window is None:
+        causal = False  # one query aligned bottom-right sees every key: a decode step needs no mask
     if mask is None and window is None and (not causal or t == s):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal and t > 1,
                                               scale=scale, enable_gqa=gqa)
