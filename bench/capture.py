@@ -126,7 +126,7 @@ def _cell(r: dict) -> str:
 
 
 def _row(t: int, res: dict) -> str:
-    cap, plain, eager = res["qkv-capture"], res["plain"], res["hf-eager"]
+    cap, eager = res["qkv-capture"], res["hf-eager"]
     ratio_t = f"{cap['interleaved_ratio']:.3f}x" if "error" not in cap else "—"
     ratio_m = (f"{cap['peak_extra_mb'] / eager['peak_extra_mb']:.3f}" if "error" not in cap and "error" not in eager
                and eager["peak_extra_mb"] > 0 else "—")

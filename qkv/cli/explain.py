@@ -66,19 +66,13 @@ def run(args: argparse.Namespace) -> int:
 
 def _heatmap(rec, args) -> str:
     """Queries x keys of one layer/head (or their mean), token view."""
-    from ..explain.render_text import heatmap
+    from ..explain.render_text import heatmap, selection_label
 
     w = rec.weights
     w = w[rec.index_of_layer(args.layer)][None] if args.layer is not None else w
     w = w[:, rec.index_of_head(args.head)][:, None] if args.head is not None else w
-    title = "heatmap — " + view_title_short(rec, args)
+    title = f"heatmap — {rec.model}, {selection_label(rec, args.layer, args.head)}; rows = queries, columns = keys"
     return heatmap([rec.query_tokens[q] for q in rec.queries], rec.key_tokens, w.mean(dim=(0, 1)), title=title)
-
-
-def view_title_short(rec, args) -> str:
-    where = f"layer {args.layer}" if args.layer is not None else "mean over layers"
-    who = f"head {args.head}" if args.head is not None else "mean over heads"
-    return f"{rec.model}, {where}, {who}, rows = queries, columns = keys" + (", sink removed" if rec.sink_removed else "")
 
 
 def _check_range(loaded, layer, head) -> None:

@@ -24,14 +24,23 @@ def _label(s: str) -> str:
     return out if out.strip() else repr(s)
 
 
-def view_title(rec: AttentionRecord, query_label: str, layer: int | None, head: int | None, words: bool) -> str:
+def selection_label(rec: AttentionRecord, layer: int | None, head: int | None) -> str:
+    """'layer 3, mean of 9 heads' — which weights a view shows."""
     n_l, n_h = len(rec.layers), len(rec.heads)
     where = f"layer {layer}" if layer is not None else f"layer {rec.layers[0]}" if n_l == 1 else f"mean of {n_l} layers"
     who = f"head {head}" if head is not None else f"head {rec.heads[0]}" if n_h == 1 else f"mean of {n_h} heads"
-    parts = [f"{query_label!r} attends to", f"{rec.model}", where, who, "word view" if words else "token view"]
-    if rec.sink_removed:
-        parts.append("first token (sink) removed, renormalised")
-    return f"{parts[0]} — " + ", ".join(parts[1:])
+    sink = ", first token (sink) removed, renormalised" if rec.sink_removed else ""
+    return f"{where}, {who}{sink}"
+
+
+def view_title(rec: AttentionRecord, query_label: str, layer: int | None, head: int | None, words: bool) -> str:
+    """The bar chart's title: who attends, in which model, which weights, which view."""
+    view = "word view" if words else "token view"
+    sel = selection_label(rec, layer, head)
+    if rec.sink_removed:  # keep the sink note last, after the view
+        sel, sink = sel.split(", first token", 1)
+        return f"{query_label!r} attends to — {rec.model}, {sel}, {view}, first token{sink}"
+    return f"{query_label!r} attends to — {rec.model}, {sel}, {view}"
 
 
 def bar_chart(labels: list[str], values: torch.Tensor, *, title: str = "", width: int = 40,

@@ -136,7 +136,7 @@ def test_explain_heatmap_png_and_html_outputs(capsys, tmp_path):
     code, out, err = run_cli(capsys, TEXT, "--token", "bank", "--layer", "3", "--heatmap", "--png", str(png),
                              "--html", str(page))
     assert code == 0, err
-    assert "heatmap — smollm2, layer 3, mean over heads" in out and "keys: 0=He" in out
+    assert "heatmap — smollm2, layer 3, mean of 9 heads; rows = queries" in out and "keys: 0=He" in out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     html = page.read_text(encoding="utf-8")
     assert 'id="qkv-data"' in html and "http://" not in html and "https://" not in html
