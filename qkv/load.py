@@ -49,7 +49,7 @@ class Loaded:
     config: LlamaConfig | BertConfig
     name: str
     source: Path
-    format: str  # "gguf" or "hf"
+    format: str  # "gguf", "hf" or "qkv-run" (a `qkv train` run directory)
     info: dict = field(default_factory=dict)  # file facts for `qkv info` (quantisation, load time, …)
 
     @property
@@ -110,7 +110,9 @@ def load(name_or_path: str | Path, *, dtype: str | torch.dtype = "auto", device:
     fast = dtype == "auto" and dev.type == "cpu"
     name, path = resolve_source(name_or_path)
     start = time.perf_counter()
-    if path.is_dir():
+    if path.is_dir() and (path / "run.json").is_file():
+        loaded = _load_run_dir(name, path, dt)
+    elif path.is_dir():
         loaded = _load_hf_dir(name, path, dt)
     elif path.suffix.lower() == ".gguf" or _has_gguf_magic(path):
         loaded = _load_gguf(name, path, dt, fast=fast)
@@ -213,6 +215,41 @@ def _load_hf_dir(name: str, path: Path, dtype: torch.dtype) -> Loaded:
     model = build_llama(cfg, state, source=str(path))
     template = _template(tokenizer, tokenizer.chat_template, "tokenizer_config.json chat_template")
     return Loaded(model, tokenizer, template, cfg, name, path, "hf", {"parameters": _count(model)})
+
+
+def _load_run_dir(name: str, path: Path, dtype: torch.dtype) -> Loaded:
+    """A ``qkv train`` run directory: the model its run.json describes, with the newest valid checkpoint."""
+    import json
+
+    from .models.encoder_decoder import EncoderDecoder, Seq2SeqConfig, sinusoidal_positions
+    from .train.checkpoint import decode_checkpoint, newest_valid
+    from .train.tasks import CharVocab
+
+    try:
+        spec = json.loads((path / "run.json").read_text(encoding="utf-8"))["spec"]
+        kind = spec["kind"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ModelFormatError(f"{path / 'run.json'}: unreadable training run ({e.__class__.__name__})") from None
+    ckpt, skipped = newest_valid(path / "checkpoints")
+    if ckpt is None:
+        why = f" ({skipped[0]})" if skipped else ""
+        raise ModelFormatError(f"{path}: the training run has no valid checkpoint yet{why}; train it first")
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in decode_checkpoint(ckpt)[0].items()}
+    info = {"checkpoint": ckpt.name}
+    if kind == "seq2seq":
+        cfg = Seq2SeqConfig(**spec["model"])
+        with torch.device("meta"):
+            model = EncoderDecoder(cfg)
+        check_state(model, state, source=str(ckpt))
+        model.load_state_dict(state, strict=False, assign=True)
+        model.positions = sinusoidal_positions(cfg.max_len, cfg.d_model)  # the non-persistent table, off meta
+        return Loaded(model, CharVocab(spec["chars"]), None, cfg, name, path, "qkv-run", info)
+    cfg = LlamaConfig.from_dict({"name": name, **spec["model"]}, where=str(path / "run.json"))
+    tokenizer = Tokenizer.from_hf_dir(path)
+    _check_vocab(tokenizer, cfg, str(path))
+    model = build_llama(cfg, state, source=str(ckpt))
+    template = _template(tokenizer, tokenizer.chat_template, "tokenizer_config.json chat_template")
+    return Loaded(model, tokenizer, template, cfg, name, path, "qkv-run", info)
 
 
 def _load_bert_dir(name: str, path: Path, dtype: torch.dtype, raw: dict) -> Loaded:

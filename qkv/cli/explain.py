@@ -12,7 +12,9 @@ from .common import add_model_arguments, load_model
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("text", help="the sentence, e.g. \"He sat on the river's bank\"")
-    p.add_argument("--token", "-w", required=True, metavar="WORD", help="the word whose attention to show")
+    p.add_argument("--token", "-w", metavar="WORD",
+                   help="the word whose attention to show (required, except for an encoder–decoder run: "
+                        "there it picks one output token, by default all are shown as a heatmap)")
     p.add_argument("--occurrence", type=int, default=1, help="which occurrence of WORD (default 1)")
     add_model_arguments(p)
     p.add_argument("--layer", type=int, default=None, help="one layer (default: the mean over all layers)")
@@ -34,6 +36,10 @@ def run(args: argparse.Namespace) -> int:
     if args.occurrence < 1:
         raise InputError(f"--occurrence must be >= 1, got {args.occurrence}")
     loaded = load_model(args)
+    if hasattr(loaded.config, "n_decoder_layers"):
+        return _run_cross(loaded, args)
+    if not args.token:
+        raise InputError("--token WORD is required: which word's attention to show")
     layers = None if args.html else ([args.layer] if args.layer is not None else None)
     heads = None if args.html else ([args.head] if args.head is not None else None)
     _check_range(loaded, args.layer, args.head)
@@ -95,3 +101,61 @@ def _chart_data(rec, positions, args):
     # the query word's own bar (absent when it was the dropped sink token)
     own = [i for i, (a, b) in enumerate(rec.key_words) if a <= positions[0] - rec.sink_removed < b]
     return rec.word_labels("key"), values, own[0] if own else None
+
+
+def _run_cross(loaded, args) -> int:
+    """An encoder–decoder (``qkv train --task date``): each output token's cross-attention over the input."""
+    from ..explain.capture import capture_cross
+    from ..explain.render_text import bar_chart, heatmap, selection_label
+
+    _check_range(loaded, args.layer, args.head)
+    output, rec = capture_cross(loaded, args.text, layers=None if args.html else _one(args.layer),
+                                heads=None if args.html else _one(args.head))
+    w = _select(rec, args.layer, args.head)  # (Q, S)
+    what = selection_label(rec, args.layer, args.head)
+    query = _output_position(rec, args.token, args.occurrence) if args.token else None
+    if args.format == "json":
+        print(json.dumps({"model": rec.model, "text": args.text, "output": output, "kind": "cross",
+                          "layer": args.layer, "head": args.head, "queries": [rec.query_tokens[q] for q in rec.queries],
+                          "keys": rec.key_tokens, "weights": [[round(float(v), 6) for v in row] for row in w]},
+                         ensure_ascii=False))
+    elif query is None:
+        sys.stdout.write(f"{args.text!r} -> {output!r}\n\n" + heatmap(
+            rec.query_tokens, rec.key_tokens, w, title=f"cross-attention — {rec.model}, {what}; "
+            "rows = output tokens, columns = input tokens"))
+    else:
+        sys.stdout.write(f"{args.text!r} -> {output!r}\n\n" + bar_chart(
+            rec.key_tokens, w[query], title=f"output {args.token!r} attends to — {rec.model}, {what}, cross-attention"))
+    if args.png:
+        from ..explain.render_png import bar_chart_png, heatmap_png
+
+        if query is None:
+            heatmap_png(rec, args.png, layer=args.layer, head=args.head, words=False)
+        else:
+            bar_chart_png(rec.key_tokens, w[query].tolist(), args.png, title=f"output {args.token!r} attends to")
+    if args.html:
+        from ..explain.render_html import explorer_html
+        from ..io import write_text
+
+        write_text(args.html, explorer_html(rec, title=f"qkv explain — {rec.model} (cross-attention)",
+                                            query=query if query is not None else 0))
+    return 0
+
+
+def _one(i):
+    return None if i is None else [i]
+
+
+def _select(rec, layer, head):
+    w = rec.weights
+    w = w[rec.index_of_layer(layer)][None] if layer is not None else w
+    w = w[:, rec.index_of_head(head)][:, None] if head is not None else w
+    return w.mean(dim=(0, 1))
+
+
+def _output_position(rec, token: str, occurrence: int) -> int:
+    hits = [i for i, t in enumerate(rec.query_tokens) if t == token]
+    if len(hits) < occurrence:
+        raise InputError(f"the output {''.join(rec.query_tokens)!r} has {len(hits)} token(s) {token!r}; "
+                         f"choose one of its tokens")
+    return hits[occurrence - 1]

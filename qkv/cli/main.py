@@ -18,6 +18,9 @@ SUBCOMMANDS = {
     "chat": "a multi-turn conversation with a language model",
     "info": "architecture, sizes, quantisation, context, tokenizer and chat template of a model",
     "embed": "sentence embeddings from an encoder (minilm) and their cosine similarities",
+    "train": "train the 2017 encoder–decoder on a built-in task, or a decoder LM on a text file",
+    "eval": "held-out metrics of a training run (exact match, or loss and perplexity)",
+    "export": "write a Llama-architecture model (e.g. a trained run) as a Hugging Face directory or a GGUF file",
 }
 
 

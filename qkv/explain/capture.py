@@ -55,6 +55,8 @@ def _check_selection(loaded, layers, heads) -> tuple[list[int], list[int]]:
 
 def _sizes(loaded) -> tuple[int, int]:
     c = loaded.config
+    if hasattr(c, "n_decoder_layers"):  # the 2017 encoder–decoder: its decoder's (cross-attention) layers
+        return c.n_decoder_layers, c.n_heads
     return c.num_hidden_layers, c.num_attention_heads
 
 
@@ -115,6 +117,8 @@ class _StepObserver(RowObserver):
         self.steps: list[dict[int, torch.Tensor]] = []
 
     def __call__(self, q, k, *, mask=None, causal=False):
+        if self.layer not in self.layers:
+            return
         if self.layer == min(self.layers):
             self.steps.append({})
         super().__call__(q, k, mask=mask, causal=causal)
@@ -165,3 +169,34 @@ def word_positions(loaded, text: str, word: str, occurrence: int = 1) -> list[in
                             key_words=spans, query_words=spans)  # only for its word lookup
     a, b = spans[probe.find_word(word, occurrence)]
     return list(range(a, b))
+
+
+@torch.inference_mode()
+def capture_cross(loaded, text: str, *, layers: Iterable[int] | None = None, heads: Iterable[int] | None = None,
+                  max_new_tokens: int = 64) -> tuple[str, AttentionRecord]:
+    """An encoder–decoder's greedy output for ``text`` and its cross-attention: for each output token,
+    how much the decoder query that produced it attends to each source token (kind "cross").
+
+    Returns ``(output text, record)``; the record's query tokens are the output tokens (ending with
+    ``<eos>`` when the model stopped), its key tokens the source tokens (ending with ``<eos>``)."""
+    if not isinstance(text, str) or not text:
+        raise InputError("the text is empty: give a source string for the encoder–decoder")
+    model, vocab = loaded.model, loaded.tokenizer
+    layers, heads = _check_selection(loaded, layers, heads)
+    src_ids = vocab.encode(text) + [vocab.eos_id]
+    src = torch.tensor([src_ids], device=loaded.device)  # (1, S)
+    memory = model.encode(src)
+    caches = model.make_caches(1, max_new_tokens + 1, src.shape[1])
+    obs = _StepObserver(layers, heads)
+    out, nxt = [], torch.tensor([[vocab.bos_id]], device=loaded.device)  # (1, 1)
+    for _ in range(max_new_tokens):
+        nxt = model.decode(nxt, memory, caches=caches, observer=obs)[:, -1].argmax(-1, keepdim=True)  # (1, 1)
+        out.append(int(nxt))
+        if out[-1] == vocab.eos_id:
+            break
+    w = torch.stack([torch.stack([step[layer][:, -1] for layer in layers]) for step in obs.steps[:len(out)]], 2)
+    check_finite_rows(w)  # (L, H, Q, S)
+    q_tokens, k_tokens = vocab.token_strings(out), vocab.token_strings(src_ids)
+    record = AttentionRecord(w, q_tokens, k_tokens, list(range(len(out))), layers, heads, kind="cross",
+                             model=loaded.name, note="row i = the decoder query that produced output token i")
+    return vocab.decode(out), record

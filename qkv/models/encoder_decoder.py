@@ -189,3 +189,102 @@ class EncoderDecoder(nn.Module):
             if bool(done.all()):
                 break
         return [row[:row.index(eos)] if eos in row else row for row in out]
+
+    @torch.inference_mode()
+    def beam_search(self, src, *, bos: int, eos: int, max_new_tokens: int, beam_size: int = 4,
+                    length_penalty: float = 1.0, src_mask=None) -> list[list[int]]:
+        """Beam search: the best hypothesis per source row, without bos/eos (as :meth:`greedy` returns it).
+
+        A hypothesis scores the sum of its tokens' log-probabilities (eos included) divided by
+        ``length ** length_penalty``, length = generated tokens including eos — the plain power, not GNMT's
+        ((5 + length) / 6) ** α; 0 ranks by the raw sum, 1 by the mean log-probability per token.
+        Each step keeps the ``beam_size`` best continuations that are not eos; an eos among the best
+        ``beam_size`` closes its hypothesis into the row's pool. A row stops once its pool holds
+        ``beam_size`` hypotheses and no live beam can still beat the worst of them (log-probabilities only
+        fall, so the bound is exact). A row with an empty pool after ``max_new_tokens`` returns its best
+        live beam, cut short as greedy's output is. With ``beam_size=1, length_penalty=0`` this is greedy.
+
+        The source is encoded once; the cross-attention caches are filled on the first step and only read
+        after it; the self-attention caches follow the surviving beams' parents each step.
+        """
+        _check_beam_args(beam_size, max_new_tokens, length_penalty)
+        b, k, dev = src.shape[0], beam_size, src.device
+        if max_new_tokens == 0:
+            return [[] for _ in range(b)]
+        memory = self.encode(src, src_mask).repeat_interleave(k, dim=0)  # (B·k, S, C): a row's beams share it
+        mask = None if src_mask is None else src_mask.repeat_interleave(k, dim=0)  # (B·k, S)
+        caches = self.make_caches(b * k, max_new_tokens, src.shape[1])
+        scores = torch.full((b, k), float("-inf"), device=dev)
+        scores[:, 0] = 0.0  # one live beam per row at first, or the k beams would all grow the same tokens
+        seqs = torch.empty(b * k, 0, dtype=torch.long, device=dev)  # (B·k, t) tokens of the live beams
+        nxt = torch.full((b * k, 1), bos, dtype=torch.long, device=dev)
+        pools = [_Finished(k, length_penalty) for _ in range(b)]
+        for step in range(max_new_tokens):
+            logp = self.decode(nxt, memory, mask, caches=caches)[:, -1].float().log_softmax(-1)  # (B·k, V)
+            top, parent, token = _candidates(scores, logp.view(b, k, -1))  # (B, 2k) each
+            _close_finished(pools, top, parent, token, seqs, eos, step)
+            scores, pos = top.masked_fill(token == eos, float("-inf")).topk(k, dim=1)  # (B, k) best non-eos
+            rows = (torch.arange(b, device=dev)[:, None] * k + parent.gather(1, pos)).view(-1)  # (B·k,) parents
+            nxt = token.gather(1, pos).view(-1, 1)  # (B·k, 1)
+            seqs = torch.cat([seqs[rows], nxt], dim=1)  # (B·k, t + 1)
+            for self_cache, _ in caches:
+                # parents never leave their source row's block of k, whose cross-cache rows are equal: no reorder
+                self_cache.reorder(rows)
+            best_live = scores[:, 0].tolist()  # topk sorts: column 0 is each row's best live beam
+            if all(p.closed(s, step, max_new_tokens) for p, s in zip(pools, best_live)):
+                break
+        return [p.best() if p.hyps else seqs[r * k].tolist() for r, p in enumerate(pools)]
+
+
+def _check_beam_args(beam_size, max_new_tokens, length_penalty) -> None:
+    if isinstance(beam_size, bool) or not isinstance(beam_size, int) or beam_size < 1:
+        raise ConfigError(f"beam_size must be an integer >= 1, got {beam_size!r}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ConfigError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)) \
+            or not math.isfinite(length_penalty):
+        raise ConfigError(f"length_penalty must be a finite number, got {length_penalty!r}")
+
+
+def _candidates(scores: torch.Tensor, logp: torch.Tensor):
+    """scores (B, k), logp (B, k, V) -> the 2k best continuations per row: score, parent beam, token (B, 2k).
+
+    2k is enough: at most k of them (one per parent) can be eos, so k non-eos ones always remain.
+    """
+    b, k, v = logp.shape
+    cand = (scores[:, :, None] + logp).view(b, k * v)  # (B, k·V)
+    top, idx = cand.topk(min(2 * k, k * v), dim=1)  # (B, 2k), best first
+    return top, idx // v, idx % v
+
+
+def _close_finished(pools, top, parent, token, seqs, eos: int, step: int) -> None:
+    """Move each finite eos candidate ranked among a row's best k into that row's pool (open rows only)."""
+    k = seqs.shape[0] // len(pools)
+    hits = (token[:, :k] == eos) & top[:, :k].isfinite()  # (B, k)
+    for r, j in hits.nonzero().tolist():
+        if not pools[r].done:
+            pools[r].add(float(top[r, j]), step + 1, seqs[r * k + int(parent[r, j])].tolist())
+
+
+class _Finished:
+    """One source row's finished hypotheses: the ``size`` best by length-normalised score."""
+
+    def __init__(self, size: int, length_penalty: float):
+        self.size, self.alpha, self.hyps, self.done = size, length_penalty, [], False
+
+    def add(self, score: float, length: int, tokens: list[int]) -> None:
+        self.hyps.append((score / length ** self.alpha, tokens))
+        self.hyps.sort(key=lambda h: -h[0])
+        del self.hyps[self.size:]
+
+    def closed(self, best_live: float, step: int, max_new_tokens: int) -> bool:
+        """Close the row when the pool is full and the best live beam can no longer beat its worst."""
+        if not self.done and len(self.hyps) == self.size:
+            # a live beam's sum only falls; it ends at a length in [step + 2, max_new_tokens], and the
+            # normalised score is largest at the longest length when α > 0, at the shortest otherwise
+            length = max_new_tokens if self.alpha > 0 else step + 2
+            self.done = best_live / length ** self.alpha <= self.hyps[-1][0]
+        return self.done
+
+    def best(self) -> list[int]:
+        return self.hyps[0][1]

@@ -53,6 +53,19 @@ class KVCache:
         """Forget everything cached (the buffers are reused)."""
         self.offset = 0
 
+    def reorder(self, index: torch.Tensor) -> None:
+        """Row i takes over the cached positions of row ``index[i]`` (B,); the offset stays.
+
+        Beam search calls this after each step so that every surviving beam carries its parent's history.
+        Only the filled positions ``[0, offset)`` are copied.
+        """
+        b = self.k.shape[0]
+        if index.dim() != 1 or index.shape[0] != b:
+            raise ShapeError(f"KVCache.reorder needs one row index per batch row ({b}), got shape {tuple(index.shape)}")
+        index, n = index.to(self.k.device), self.offset
+        self.k[:, :, :n] = self.k[:, :, :n].index_select(0, index)  # (B, K, offset, D)
+        self.v[:, :, :n] = self.v[:, :, :n].index_select(0, index)
+
     def crop(self, length: int) -> None:
         """Keep only the first ``length`` positions (e.g. to re-run from a shared prefix)."""
         if not 0 <= length <= self.offset:

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import tokenizers
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 
 from qkv.errors import TokenizerError
 
@@ -574,6 +574,72 @@ def _metaspace_continuation(spec: Mapping[str, Any]) -> pre_tokenizers.PreTokeni
                                     split=bool(spec.get("split", True)))
 
 
+def byte_level_metadata() -> dict[str, Any]:
+    """GGUF tokenizer fields of :meth:`Tokenizer.byte_level` (byte i is token i)."""
+    return {
+        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "default",
+        "tokenizer.ggml.tokens": [*_BYTE_CHARS, "<|bos|>", "<|eos|>"],
+        "tokenizer.ggml.token_type": [_NORMAL] * 256 + [_CONTROL, _CONTROL],
+        "tokenizer.ggml.merges": [], "tokenizer.ggml.bos_token_id": 256, "tokenizer.ggml.eos_token_id": 257,
+        "tokenizer.ggml.add_bos_token": False,
+    }
+
+
+def _split_regex(step: Mapping[str, Any] | None) -> str | None:
+    """The regex one tokenizer.json pre-tokenizer step isolates, in llama.cpp's terms (None: not a split)."""
+    kind = (step or {}).get("type")
+    if kind == "Split" and step.get("behavior") == "Isolated" and not step.get("invert"):
+        return (step.get("pattern") or {}).get("Regex")
+    if kind == "Digits" and step.get("individual_digits"):
+        return r"\p{N}"
+    return None
+
+
+def _gguf_pre_name(pre: Mapping[str, Any] | None, ignore_merges: bool) -> str | None:
+    """The ``tokenizer.ggml.pre`` whose split cascade equals a tokenizer.json byte-level pre-tokenizer."""
+    steps = list(pre.get("pretokenizers") or []) if pre and pre.get("type") == "Sequence" else [pre]
+    last = steps[-1] or {}
+    if last.get("type") != "ByteLevel" or last.get("add_prefix_space"):
+        return None
+    splits = [_split_regex(s) for s in steps[:-1]] + ([_GPT2] if last.get("use_regex", True) else [])
+    if None in splits:
+        return None
+    spec = _PreSpec(tuple(splits), ignore_merges=ignore_merges)
+    return next((names[0] for family, names in _PRE_FAMILIES.items() if family == spec), None)
+
+
+def _hf_gguf_metadata(tok: Tokenizer) -> dict[str, Any]:
+    """GGUF fields of a byte-level BPE tokenizer.json (GPT-2 byte spelling, merges as "a b")."""
+    spec = json.loads(tok._backend.to_str())  # noqa: SLF001
+    model = spec.get("model") or {}
+    fix = "fix: export it as a Hugging Face directory instead"
+    extras = ("continuing_subword_prefix", "end_of_word_suffix", "byte_fallback", "dropout")
+    if model.get("type") != "BPE" or any(model.get(k) for k in extras) or spec.get("normalizer") \
+            or (spec.get("decoder") or {}).get("type") != "ByteLevel":
+        raise TokenizerError(f"{tok.source} is not a plain byte-level BPE tokenizer, the kind GGUF metadata "
+                             f"can describe; {fix}")
+    pre = _gguf_pre_name(spec.get("pre_tokenizer"), bool(model.get("ignore_merges")))
+    if pre is None:
+        raise TokenizerError(f"{tok.source}: its pre-tokenizer splits text unlike any llama.cpp pre-tokenizer "
+                             f"({', '.join(SUPPORTED_PRE_TOKENIZERS)}); {fix}")
+    added = tok._backend.get_added_tokens_decoder()  # noqa: SLF001
+    if any(t.lstrip or t.rstrip or t.single_word for t in added.values()):
+        raise TokenizerError(f"{tok.source} has added tokens with lstrip/rstrip/single_word, which GGUF "
+                             f"cannot express; {fix}")
+    add_bos, add_eos = tok._auto_wrap()  # noqa: SLF001
+    types = [(_CONTROL if added[i].special else _USER_DEFINED) if i in added else _NORMAL
+             for i in range(tok.vocab_size)]
+    ids = {_ID_KEYS[k]: getattr(tok, f"{k}_id") for k in ("bos", "eos", "pad", "unk")}
+    return {
+        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre,
+        "tokenizer.ggml.tokens": [tok.id_to_token(i) for i in range(tok.vocab_size)],
+        "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.merges": [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []],
+        **{k: v for k, v in ids.items() if v is not None},
+        "tokenizer.ggml.add_bos_token": add_bos, "tokenizer.ggml.add_eos_token": add_eos,
+    }
+
+
 # --- the tokenizer ----------------------------------------------------------------------------------------
 
 
@@ -615,6 +681,7 @@ class Tokenizer:
         self._lock = threading.Lock()  # encode_special_tokens is a setting of the shared backend
         self.source = source
         self.chat_template = chat_template
+        self.gguf_metadata: dict[str, Any] | None = None  # the tokenizer.ggml.* fields it was built from
         self._vocab_size = len(pieces) if pieces is not None else backend.get_vocab_size(with_added_tokens=True)
         # Bytes a byte-level vocabulary has no token for (SmolLM2 lacks e.g. 0x04): BPE would drop them.
         self._kept_bytes = bytes(b for b in range(256) if backend.token_to_id(_BYTE_CHARS[b]) is not None) \
@@ -659,14 +726,73 @@ class Tokenizer:
         )
         spm = vocab.model == "llama"
         wrap = (ids.get("bos") if vocab.add_bos else None, ids.get("eos") if vocab.add_eos else None)
-        return cls(backend, specials, source=source, pieces=pieces, chat_template=vocab.chat_template, spm=spm,
-                   continuation=_metaspace_continuation({"replacement": "▁", "split": False}) if spm else None,
-                   wrap=wrap)
+        tok = cls(backend, specials, source=source, pieces=pieces, chat_template=vocab.chat_template, spm=spm,
+                  continuation=_metaspace_continuation({"replacement": "▁", "split": False}) if spm else None,
+                  wrap=wrap)
+        # kept so that an exported GGUF carries exactly these fields (scores, token types, pre, …)
+        tok.gguf_metadata = {k: _python(v) for k, v in metadata.items() if k.startswith("tokenizer.ggml.")}
+        return tok
+
+    @classmethod
+    def byte_level(cls) -> Tokenizer:
+        """A vocabulary of the 256 bytes plus ``<|bos|>`` (256) and ``<|eos|>`` (257), no merges.
+
+        For language models trained from scratch on any text: every UTF-8 string encodes, one id per
+        byte. Built through the GGUF metadata path, so :func:`byte_level_metadata` is also what an
+        exported GGUF file carries.
+        """
+        return cls.from_gguf_metadata(byte_level_metadata(), source="byte-level")
 
     @classmethod
     def from_hf_dir(cls, path: str | Path) -> Tokenizer:
         """Load ``tokenizer.json`` (+ ``tokenizer_config.json``, ``generation_config.json``) from a directory."""
         return _load_hf_dir(cls, Path(path))
+
+    # -- export --
+
+    def to_gguf_metadata(self) -> dict[str, Any]:
+        """The ``tokenizer.ggml.*`` fields that rebuild this tokenizer from a GGUF file.
+
+        A tokenizer read from GGUF gives back the fields it was built from (exact, whatever its kind);
+        one from tokenizer.json is translated when it is byte-level BPE whose splitting is one of
+        llama.cpp's pre-tokenizers. Anything else is a TokenizerError, never a file that tokenizes
+        differently.
+        """
+        if self.gguf_metadata is not None:
+            return dict(self.gguf_metadata)
+        return _hf_gguf_metadata(self)
+
+    def to_hf_json(self) -> tuple[str, dict[str, Any]]:
+        """``tokenizer.json`` text and ``tokenizer_config.json`` fields that rebuild this tokenizer with
+        :meth:`from_hf_dir` (the chat template is the caller's to add).
+
+        A GGUF add_eos_token becomes a post-processor in tokenizer.json; a GGUF add_bos_token becomes
+        the add_bos_token flag, which qkv applies itself.
+        """
+        backend = self._backend
+        head, tail = self._wrap_ids
+        if tail is not None:
+            backend = tokenizers.Tokenizer.from_str(backend.to_str())
+            eos = self.id_to_token(tail)
+            backend.post_processor = processors.TemplateProcessing(
+                single=f"$A {eos}", pair=f"$A $B {eos}", special_tokens=[(eos, tail)])
+        name = lambda i: None if i is None else self.id_to_token(i)  # noqa: E731
+        config = {f"{k}_token": name(getattr(self, f"{k}_id")) for k in ("bos", "eos", "pad", "unk")}
+        add_bos = True if head is not None and head == self.bos_id else self._add_bos_default
+        config = {k: v for k, v in config.items() if v is not None}
+        if add_bos is not None:
+            config["add_bos_token"] = add_bos
+        return backend.to_str(), config
+
+    def _auto_wrap(self) -> tuple[bool, bool]:
+        """Whether :meth:`encode` puts a BOS / an EOS around any text by itself (GGUF's add_*_token)."""
+        body, full = self.encode("a", add_special=False), self.encode("a")
+        bos = self.bos_id is not None and full[:1] == [self.bos_id] and body[:1] != [self.bos_id]
+        eos = self.eos_id is not None and full[-1:] == [self.eos_id] and body[-1:] != [self.eos_id]
+        if full != [self.bos_id] * bos + body + [self.eos_id] * eos:
+            raise TokenizerError(f"{self.source} wraps text in tokens other than BOS/EOS ({full} around {body}), "
+                                 "which GGUF cannot express; fix: export it as a Hugging Face directory")
+        return bos, eos
 
     # -- properties --
 

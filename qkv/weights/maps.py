@@ -64,15 +64,31 @@ def _patterns(table: dict[str, str]) -> list[tuple[re.Pattern, str]]:
 
 
 _GGUF_PATTERNS = _patterns(GGUF_LLAMA_TENSORS)
+_HF_PATTERNS = _patterns({hf: gguf for gguf, hf in GGUF_LLAMA_TENSORS.items()})  # the same table, read backwards
+
+
+def _rename(name: str, patterns: list[tuple[re.Pattern, str]]) -> str | None:
+    for pat, target in patterns:
+        m = pat.match(name)
+        if m:
+            return target.replace("{i}", m.group(1)) if m.groups() else target
+    return None
 
 
 def gguf_to_hf_name(name: str, *, source: str) -> str:
     """Map one GGUF tensor name; an unknown name is a ModelFormatError naming it."""
-    for pat, target in _GGUF_PATTERNS:
-        m = pat.match(name)
-        if m:
-            return target.replace("{i}", m.group(1)) if m.groups() else target
-    raise ModelFormatError(f"{source}: unexpected tensor {name!r} for a llama model")
+    hf_name = _rename(name, _GGUF_PATTERNS)
+    if hf_name is None:
+        raise ModelFormatError(f"{source}: unexpected tensor {name!r} for a llama model")
+    return hf_name
+
+
+def hf_to_gguf_name(name: str, *, source: str) -> str:
+    """The inverse of :func:`gguf_to_hf_name` (used when exporting to GGUF)."""
+    gguf_name = _rename(name, _HF_PATTERNS)
+    if gguf_name is None:
+        raise ModelFormatError(f"{source}: parameter {name!r} has no GGUF name in the llama tensor map")
+    return gguf_name
 
 
 def gguf_llama_config(metadata: dict, *, source: str) -> dict:

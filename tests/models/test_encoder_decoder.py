@@ -85,3 +85,132 @@ def test_sinusoidal_table_and_config_errors():
         Seq2SeqConfig(src_vocab_size=5, tgt_vocab_size=5, d_model=30, n_heads=4)
     with pytest.raises(ConfigError, match="positive integer"):
         Seq2SeqConfig(src_vocab_size=0, tgt_vocab_size=5)
+
+
+# --- beam search -------------------------------------------------------------------------------------------
+
+BOS, EOS = 0, 1
+
+
+def _beam_model(seed: int, tgt_vocab: int) -> EncoderDecoder:
+    """Random weights, every matrix N(0, 0.3²): with the default init the scaled target embedding drowns the
+    sublayers, so every source gives the same output; this way the source matters and the next-token
+    distributions are peaked but not one-hot."""
+    torch.manual_seed(seed)
+    cfg = Seq2SeqConfig(src_vocab_size=20, tgt_vocab_size=tgt_vocab, d_model=32, n_heads=4, d_ff=64)
+    model = EncoderDecoder(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(std=0.3)
+    return model
+
+
+def _batch(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    src = torch.randint(2, 20, (3, 7), generator=g)
+    return src, torch.arange(7)[None, :] < torch.tensor([7, 4, 6])[:, None]  # (3, 7): rows 1, 2 padded
+
+
+def _full_logp(model, src, src_mask, row: int, seq: list[int]) -> torch.Tensor:
+    """log p(next | bos + seq) for one source row, by a full forward pass without any cache: (V,)."""
+    with torch.no_grad():
+        logits = model(src[row:row + 1], torch.tensor([[BOS] + seq]), src_mask[row:row + 1])
+    return logits[0, -1].float().log_softmax(-1)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_beam_size_one_is_greedy(seed):
+    model = _beam_model(seed, tgt_vocab=8)
+    src, src_mask = _batch(seed)
+    greedy = model.greedy(src, bos=BOS, eos=EOS, max_new_tokens=8, src_mask=src_mask)
+    beam = model.beam_search(src, bos=BOS, eos=EOS, max_new_tokens=8, beam_size=1, length_penalty=0.0,
+                             src_mask=src_mask)
+    assert beam == greedy
+
+
+@pytest.mark.parametrize("length_penalty", [0.0, 1.0])
+def test_wide_beam_is_exhaustive_search(length_penalty):
+    """With 4 target tokens and 3 steps there are 13 finished hypotheses (and at most 36 candidates a step):
+    a beam of 40 keeps them all, so beam search must return the argmax of scoring every one of them by
+    full recompute — which it cannot if a beam ever reads another beam's self-attention cache."""
+    differs_from_greedy = False
+    for seed in range(4):
+        model = _beam_model(seed, tgt_vocab=4)
+        src, src_mask = _batch(seed)
+        beam = model.beam_search(src, bos=BOS, eos=EOS, max_new_tokens=3, beam_size=40,
+                                 length_penalty=length_penalty, src_mask=src_mask)
+        greedy = model.greedy(src, bos=BOS, eos=EOS, max_new_tokens=3, src_mask=src_mask)
+        bodies = [[]] + [[a] for a in (0, 2, 3)] + [[a, b] for a in (0, 2, 3) for b in (0, 2, 3)]
+        for row in range(3):
+            def score(body):  # one uncached forward pass over bos + body scores every token of body + eos
+                with torch.no_grad():
+                    logits = model(src[row:row + 1], torch.tensor([[BOS] + body]), src_mask[row:row + 1])
+                logp = logits[0].float().log_softmax(-1)  # (len(body) + 1, V)
+                seq = body + [EOS]
+                return float(logp[torch.arange(len(seq)), seq].sum()) / len(seq) ** length_penalty
+            best = max(bodies, key=score)
+            assert beam[row] == best, (seed, row)
+            differs_from_greedy |= best != greedy[row]
+    assert differs_from_greedy  # the test would prove little if every row were greedy's anyway
+
+
+def _uncached_beam(model, src, src_mask, row, *, max_new, k, alpha) -> list[int]:
+    """The same beam search for one source row, in plain Python, re-running the whole decoder every step."""
+    live, pool = [([], 0.0)], []  # (tokens, summed log-prob); pool: (normalised score, tokens)
+    for step in range(max_new):
+        cands = []
+        for seq, s in live:
+            logp = _full_logp(model, src, src_mask, row, seq)
+            cands += [(s + float(logp[t]), seq, t) for t in range(logp.shape[0])]
+        cands = sorted(cands, key=lambda c: -c[0])[:2 * k]
+        for rank, (s, seq, t) in enumerate(cands):
+            if t == EOS and rank < k:
+                pool = sorted(pool + [(s / (step + 1) ** alpha, seq)], key=lambda h: -h[0])[:k]
+        live = [(seq + [t], s) for s, seq, t in cands if t != EOS][:k]
+        length = max_new if alpha > 0 else step + 2
+        if len(pool) == k and live[0][1] / length ** alpha <= pool[-1][0]:
+            break
+    return pool[0][1] if pool else live[0][0]
+
+
+@pytest.mark.parametrize("length_penalty", [0.0, 0.6, 1.0])
+def test_cached_beam_equals_uncached(length_penalty):
+    differs_from_greedy = False
+    for seed in range(3):
+        model = _beam_model(seed, tgt_vocab=10)
+        src, src_mask = _batch(seed)
+        beam = model.beam_search(src, bos=BOS, eos=EOS, max_new_tokens=6, beam_size=3,
+                                 length_penalty=length_penalty, src_mask=src_mask)
+        slow = [_uncached_beam(model, src, src_mask, r, max_new=6, k=3, alpha=length_penalty) for r in range(3)]
+        assert beam == slow, seed
+        greedy = model.greedy(src, bos=BOS, eos=EOS, max_new_tokens=6, src_mask=src_mask)
+        differs_from_greedy |= beam != greedy
+    assert differs_from_greedy
+
+
+def test_stopping_bound_looks_ahead_to_max_new_tokens():
+    """With length_penalty > 0 a longer hypothesis divides by more, so its normalised score can still rise: a full
+    pool closes a row only if the best live sum / max_new_tokens**α cannot beat its worst. On this model, stopping
+    at the current length instead (the usual heuristic) returns the empty hypothesis for row 0."""
+    model = _beam_model(6, tgt_vocab=10)
+    src, src_mask = _batch(6)
+    beam = model.beam_search(src, bos=BOS, eos=EOS, max_new_tokens=20, beam_size=1, length_penalty=2.0,
+                             src_mask=src_mask)
+    assert beam == [_uncached_beam(model, src, src_mask, r, max_new=20, k=1, alpha=2.0) for r in range(3)]
+    assert beam[0] != []
+
+
+def test_beam_search_arguments():
+    model = _beam_model(0, tgt_vocab=8)
+    src, _ = _batch(0)
+    assert model.beam_search(src, bos=BOS, eos=EOS, max_new_tokens=0) == [[], [], []]
+    for bad in (0, -1, 2.0, True, "4"):
+        with pytest.raises(ConfigError, match="beam_size"):
+            model.beam_search(src, bos=BOS, eos=EOS, max_new_tokens=3, beam_size=bad)
+    for bad in (-1, 1.5, False, None):
+        with pytest.raises(ConfigError, match="max_new_tokens"):
+            model.beam_search(src, bos=BOS, eos=EOS, max_new_tokens=bad)
+    for bad in (float("nan"), float("inf"), "1"):
+        with pytest.raises(ConfigError, match="length_penalty"):
+            model.beam_search(src, bos=BOS, eos=EOS, max_new_tokens=3, length_penalty=bad)

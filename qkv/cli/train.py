@@ -1,0 +1,81 @@
+"""``qkv train`` — train the 2017 encoder–decoder on a built-in task, or a decoder LM on a text file.
+
+Settings come from ``--config FILE`` (TOML or JSON), then flags override them. Under
+``torchrun --nproc_per_node=N -m qkv train …`` the same command trains with DDP (or ``--distributed fsdp``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+# flag -> (type, help); every TrainConfig field gets a flag, these add help and types
+_HELP = {
+    "task": (str, "date | reverse | sort (encoder–decoder) or text (decoder LM on --data)"),
+    "data": (str, "text task: a UTF-8 text file to train on"),
+    "out": (str, "run directory: checkpoints, metrics.jsonl, run.json"),
+    "init": (str, "text task: fine-tune this model (smollm2, a .gguf, an HF dir) instead of training from scratch"),
+    "tokenizer": (str, "text task from scratch: 'bytes' (default) or a model whose tokenizer to use"),
+    "max_steps": (int, "optimizer steps in all"),
+    "batch_size": (int, "global sequences per micro-step (all processes together)"),
+    "grad_accum": (int, "micro-steps per optimizer step"),
+    "precision": (str, "fp32 or bf16 (autocast)"),
+    "nan_policy": (str, "when the loss is not finite: stop, or skip the step"),
+    "device": (str, "cpu, cuda or auto"),
+    "distributed": (str, "under torchrun: ddp or fsdp (FSDP2)"),
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..train.config import TrainConfig
+
+    p.add_argument("--config", metavar="FILE", help="settings file (.toml or .json); flags override it")
+    p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind, help_text = _HELP.get(f.name, (None, None))
+        if f.type in ("bool", bool):
+            p.add_argument(flag, dest=f.name, type=_bool, default=None, metavar="true|false", help=help_text)
+            continue
+        kind = kind or _field_type(f)
+        p.add_argument(flag, dest=f.name, type=kind, default=None, help=help_text or f"(default {f.default})")
+
+
+def _field_type(f: dataclasses.Field):
+    t = str(f.type)
+    return int if "int" in t else float if "float" in t else str
+
+
+def _bool(s: str) -> bool:
+    if s.lower() in ("true", "1", "yes"):
+        return True
+    if s.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
+def settings(args: argparse.Namespace) -> dict:
+    """Config file values, overridden by the flags given."""
+    from ..train.config import TrainConfig, read_config_file
+
+    d = read_config_file(args.config) if args.config else {}
+    for f in dataclasses.fields(TrainConfig):
+        v = getattr(args, f.name)
+        if v is not None:
+            d[f.name] = v
+    if "out" not in d:
+        d["out"] = f"runs/{d.get('task', TrainConfig.task)}"
+    return d
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..train import TrainConfig, train
+
+    cfg = TrainConfig.from_dict(settings(args), where=args.config or "flags")
+    result = train(cfg, resume=args.resume, progress=None if not args.quiet else False)
+    ev = result.get("eval") or {}
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in ev.items() if isinstance(v, float))
+    print(f"trained {cfg.task} to step {result['steps']} in {result['out']}" + (f": {shown}" if shown else ""))
+    return 0
+

@@ -1,0 +1,31 @@
+"""Held-out metrics of a finished (or running) training run, from its directory alone."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import CheckpointError
+from .config import TrainConfig
+from .jobs import LMJob, Seq2SeqJob
+
+
+def evaluate_run(run_dir: str | Path, *, split: str = "test", limit: int | None = None) -> dict:
+    """Exact match + loss on the task's ``split`` (seq2seq), or held-out loss + perplexity (text)."""
+    from ..load import load
+
+    run_dir = Path(run_dir)
+    try:
+        run = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+        cfg = TrainConfig.from_dict(run["config"], where=str(run_dir / "run.json"))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{run_dir}: not a qkv training run (run.json: {e.__class__.__name__})") from None
+    loaded = load(run_dir, dtype="float32", device="cpu")
+    if cfg.task == "text":
+        job = LMJob(cfg, model_config=loaded.config, tokenizer=loaded.tokenizer)
+        result = job.evaluate(loaded.model, limit=limit)
+    else:
+        job = Seq2SeqJob(cfg, chars=loaded.tokenizer.chars)
+        result = job.evaluate(loaded.model, split, limit=limit)
+        result.pop("predictions")
+    return {"run": str(run_dir), "task": cfg.task, "checkpoint": loaded.info["checkpoint"], **result}
