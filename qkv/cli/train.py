@@ -74,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = TrainConfig.from_dict(settings(args), where=args.config or "flags")
     result = train(cfg, resume=args.resume, progress=None if not args.quiet else False)
+    if result["rank"] != 0:
+        return 0
     ev = result.get("eval") or {}
     shown = ", ".join(f"{k} {v:.4g}" for k, v in ev.items() if isinstance(v, float))
     print(f"trained {cfg.task} to step {result['steps']} in {result['out']}" + (f": {shown}" if shown else ""))

@@ -68,7 +68,8 @@ def heatmap_png(record: AttentionRecord, path: str | os.PathLike, *, layer: int 
     rows, cols, matrix = _heatmap_data(record, layer, head, words)
     title = _heat_title(record, layer, head, words)
     with _style():
-        fig = _heatmap_figure(rows, cols, matrix, title)
+        axes = ("input tokens (keys)", "output tokens (queries)") if record.kind == "cross" else ("keys", "queries")
+        fig = _heatmap_figure(rows, cols, matrix, title, axes)
         return _save(fig, path, f"{record.model or 'qkv'}-heatmap")
 
 
@@ -119,6 +120,8 @@ def _heat_title(rec: AttentionRecord, layer, head, words) -> str:
     where = f"layer {layer}" if layer is not None else f"mean of {len(rec.layers)} layers"
     who = f"head {head}" if head is not None else f"mean of {len(rec.heads)} heads"
     parts = [rec.model or "attention", where, who, "word view" if words else "token view"]
+    if rec.kind == "cross":
+        parts.insert(1, "cross-attention")
     if rec.sink_removed:
         parts.append("first token (sink) removed, renormalised")
     return ", ".join(parts)
@@ -231,7 +234,8 @@ def _set_ticks(axis_setter, labels: list[str]) -> None:
     axis_setter(pos, labels=[labels[i] for i in pos])
 
 
-def _heatmap_figure(rows: list[str], cols: list[str], matrix: torch.Tensor, title: str):
+def _heatmap_figure(rows: list[str], cols: list[str], matrix: torch.Tensor, title: str,
+                    axes: tuple[str, str] = ("keys", "queries")):
     import matplotlib
     import numpy as np
 
@@ -246,8 +250,8 @@ def _heatmap_figure(rows: list[str], cols: list[str], matrix: torch.Tensor, titl
     _set_ticks(ax.set_yticks, rows)
     _set_ticks(ax.set_xticks, cols)
     ax.tick_params(axis="x", labelrotation=90)
-    ax.set_xlabel("keys")
-    ax.set_ylabel("queries")
+    ax.set_xlabel(axes[0])
+    ax.set_ylabel(axes[1])
     fig.colorbar(image, ax=ax, shrink=0.8, label="attention weight")
     _title(ax, width, title + (" — magenta: NaN/Inf" if bad.any() else ""))
     return fig

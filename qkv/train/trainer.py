@@ -177,6 +177,7 @@ class Trainer:
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg)
             model.train()
+            opt.zero_grad(set_to_none=True)
             loss, n_proc = self._accumulate(d, model, step, autocast)
             seen += n_proc
             if not math.isfinite(loss):
@@ -201,7 +202,7 @@ class Trainer:
                 self._save(d, model, opt, done, last)
         if self.progress and d.is_main:
             print(file=sys.stderr)
-        return {"steps": cfg.max_steps, "start": start, "eval": last, "out": str(self.out)}
+        return {"steps": cfg.max_steps, "start": start, "eval": last, "out": str(self.out), "rank": d.rank}
 
     def _accumulate(self, d: D.Dist, model, step: int, autocast) -> tuple[float, int]:
         """Forward + backward over ``grad_accum`` micro-batches; returns the global mean loss.
