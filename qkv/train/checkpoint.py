@@ -95,12 +95,14 @@ def save_checkpoint(root: str | Path, step: int, payload: dict[str, bytes], *, k
         prev = newest_valid(root)[0]
         kept = f"the newest valid checkpoint {prev.name} is intact" if prev else "no earlier checkpoint exists"
         raise CheckpointError(f"could not write checkpoint {final}: {e.strerror or e}; {kept}") from None
-    _prune(root, keep)
+    _prune(root, keep, step)
     return final
 
 
-def _prune(root: Path, keep: int) -> None:
-    steps = [p for _, p in list_checkpoints(root)]
+def _prune(root: Path, keep: int, newest: int) -> None:
+    # Only checkpoints up to the one just written count: newer ones are leftovers past the point this run
+    # resumed from (invalid, or it would have resumed there) and must not push the new one out.
+    steps = [p for s, p in list_checkpoints(root) if s <= newest]
     for old in steps[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -129,7 +131,8 @@ def verify(path: str | Path) -> dict[str, bytes]:
     try:
         manifest = json.loads((path / MANIFEST).read_bytes())
         files = manifest["files"]
-        ok = manifest.get("format") == FORMAT and set(files) == set(FILES)
+        ok = (manifest.get("format") == FORMAT and set(files) == set(FILES)
+              and all(isinstance(files[name], dict) for name in FILES))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{path / MANIFEST}: missing or unreadable ({e.__class__.__name__}); "
                               "the checkpoint was not completed") from None

@@ -182,11 +182,13 @@ class Trainer:
             seen += n_proc
             if not math.isfinite(loss):
                 skipped = self._non_finite(step, loss, opt, skipped)
+                last = self._eval_and_save(d, model, opt, step + 1, last)
                 continue
             skipped = 0
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
             if not math.isfinite(float(norm)):
                 skipped = self._non_finite(step, float(norm), opt, skipped, what="gradient norm")
+                last = self._eval_and_save(d, model, opt, step + 1, last)
                 continue
             opt.step()
             done = step + 1
@@ -196,13 +198,18 @@ class Trainer:
             if d.is_main and (done % cfg.log_every == 0 or done == cfg.max_steps):
                 self._metric(record)
             self._show(d, done, loss, rate, time.perf_counter() - t0, start)
-            if done % cfg.eval_every == 0 or done == cfg.max_steps:
-                last = self._evaluate(d, model, done)
-            if done % cfg.save_every == 0 or done == cfg.max_steps:
-                self._save(d, model, opt, done, last)
+            last = self._eval_and_save(d, model, opt, done, last)
         if self.progress and d.is_main:
             print(file=sys.stderr)
         return {"steps": cfg.max_steps, "start": start, "eval": last, "out": str(self.out), "rank": d.rank}
+
+    def _eval_and_save(self, d: D.Dist, model, opt, done: int, last: dict) -> dict:
+        """Evaluate and checkpoint on schedule — also after a skipped step, so the final weights are saved."""
+        if done % self.cfg.eval_every == 0 or done == self.cfg.max_steps:
+            last = self._evaluate(d, model, done)
+        if done % self.cfg.save_every == 0 or done == self.cfg.max_steps:
+            self._save(d, model, opt, done, last)
+        return last
 
     def _accumulate(self, d: D.Dist, model, step: int, autocast) -> tuple[float, int]:
         """Forward + backward over ``grad_accum`` micro-batches; returns the global mean loss.
