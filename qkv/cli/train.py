@@ -31,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--config", metavar="FILE", help="settings file (.toml or .json); flags override it")
     p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress lines (evaluations are still shown)")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         kind, help_text = _HELP.get(f.name, (None, None))
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     from ..train import TrainConfig, train
 
     cfg = TrainConfig.from_dict(settings(args), where=args.config or "flags")
-    result = train(cfg, resume=args.resume, progress=None if not args.quiet else False)
+    result = train(cfg, resume=args.resume, quiet=args.quiet)
     if result["rank"] != 0:
         return 0
     ev = result.get("eval") or {}

@@ -175,8 +175,9 @@ class LMJob:
         from ..generate.loop import generate_ids
         from ..generate.sampling import SamplingOptions
 
-        prompt = self.data.val[:16].tolist()
-        new = list(generate_ids(model, prompt, SamplingOptions(temperature=0.0), max_new_tokens=48,
+        room = model.config.max_position_embeddings
+        prompt = self.data.val[:min(16, room // 2)].tolist()
+        new = list(generate_ids(model, prompt, SamplingOptions(temperature=0.0), max_new_tokens=min(48, room - len(prompt)),
                                 stop_ids=self.tokenizer.eos_ids))
         return [f"{self.tokenizer.decode(prompt)!r} -> {self.tokenizer.decode(new)!r}"][:n]
 

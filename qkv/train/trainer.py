@@ -65,8 +65,11 @@ def _seed(cfg: TrainConfig, rank: int, micro_step: int) -> int:
 class Trainer:
     """One run: ``Trainer(cfg).run()``. ``resume=True`` continues from the newest valid checkpoint."""
 
-    def __init__(self, cfg: TrainConfig, *, resume: bool = False, progress: bool | None = None, log=None):
-        self.cfg, self.resume = cfg, resume
+    def __init__(self, cfg: TrainConfig, *, resume: bool = False, progress: bool | None = None, quiet: bool = False,
+                 log=None):
+        """``progress``: a one-line progress bar (default: when stderr is a terminal), else a line every
+        ``log_every`` steps; ``quiet``: neither (evaluations are still reported)."""
+        self.cfg, self.resume, self.quiet = cfg, resume, quiet
         self.out = Path(cfg.out)
         self.ckpt_root = self.out / "checkpoints"
         self.progress = sys.stderr.isatty() if progress is None else progress
@@ -199,7 +202,7 @@ class Trainer:
                 self._metric(record)
             self._show(d, done, loss, rate, time.perf_counter() - t0, start)
             last = self._eval_and_save(d, model, opt, done, last)
-        if self.progress and d.is_main:
+        if self.progress and not self.quiet and d.is_main:
             print(file=sys.stderr)
         return {"steps": cfg.max_steps, "start": start, "eval": last, "out": str(self.out), "rank": d.rank}
 
@@ -307,6 +310,8 @@ class Trainer:
         bar = "#" * int(24 * frac) + "-" * (24 - int(24 * frac))
         line = (f"step {done}/{cfg.max_steps} [{bar}] loss {loss:.4f} lr {lr_at(done - 1, cfg):.2e} "
                 f"{rate:,.0f} tok/s ETA {_clock(eta)}")
+        if self.quiet:
+            return
         if self.progress:
             print("\r" + line, end="", file=sys.stderr, flush=True)
         elif done % cfg.log_every == 0 or done == cfg.max_steps:
@@ -340,6 +345,6 @@ def _read_run_json(path: Path) -> dict:
     return d
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = None) -> dict:
+def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = None, quiet: bool = False) -> dict:
     """Train as ``cfg`` says; returns the last evaluation. See :class:`Trainer`."""
-    return Trainer(cfg, resume=resume, progress=progress).run()
+    return Trainer(cfg, resume=resume, progress=progress, quiet=quiet).run()

@@ -1,0 +1,115 @@
+"""``qkv train``, ``qkv eval``, ``qkv export`` and ``qkv explain`` on a trained encoder–decoder, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import qkv
+from qkv.cli.main import main
+
+TINY = ["--max-steps", "4", "--batch-size", "8", "--d-model", "32", "--n-heads", "2", "--n-layers", "1", "--d-ff",
+        "64", "--n-train", "200", "--n-val", "20", "--n-test", "20", "--eval-every", "2", "--save-every", "2",
+        "--eval-size", "20", "--warmup-steps", "1", "--quiet"]
+
+
+def cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_train_then_eval_with_flags(tmp_path, capsys):
+    code, out, err = cli(capsys, "train", "--task", "sort", "--out", tmp_path / "run", *TINY)
+    assert code == 0 and "trained sort to step 4" in out and "eval at step 4" in err
+    code, out, _ = cli(capsys, "eval", tmp_path / "run", "--format", "json")
+    result = json.loads(out)
+    assert code == 0 and result["task"] == "sort" and result["split"] == "test" and result["examples"] == 20
+    assert 0 <= result["exact_match"] <= 1 and result["checkpoint"] == "step-00000004"
+    code, out, _ = cli(capsys, "eval", tmp_path / "run")
+    assert code == 0 and "exact_match" in out
+
+
+@pytest.mark.parametrize("suffix", [".toml", ".json"])
+def test_config_file_and_flags_override_it(tmp_path, capsys, suffix):
+    settings = {"task": "reverse", "d_model": 32, "n_heads": 2, "n_layers": 1, "d_ff": 64, "max_steps": 99,
+                "n_train": 200, "n_val": 20, "n_test": 20, "batch_size": 8, "eval_size": 20, "eval_every": 2}
+    path = tmp_path / f"cfg{suffix}"
+    if suffix == ".json":
+        path.write_text(json.dumps(settings))
+    else:
+        path.write_text("[train]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items()))
+    code, out, _ = cli(capsys, "train", "--config", path, "--max-steps", "2", "--out", tmp_path / "run", "--quiet")
+    assert code == 0 and "to step 2" in out  # the flag won over the file's 99
+    saved = json.loads((tmp_path / "run" / "run.json").read_text())["config"]
+    assert saved["d_model"] == 32 and saved["max_steps"] == 2
+
+
+def test_resume_continues_a_finished_run_to_more_steps(tmp_path, capsys):
+    assert cli(capsys, "train", "--task", "reverse", "--out", tmp_path / "r", *TINY)[0] == 0
+    code, _, err = cli(capsys, "train", "--task", "reverse", "--out", tmp_path / "r", *TINY)
+    assert code == 2 and "pass --resume" in err and err.count("\n") == 1
+    code, out, _ = cli(capsys, "train", "--task", "reverse", "--out", tmp_path / "r", *TINY[:-1], "--max-steps", "6",
+                       "--resume", "--quiet")
+    assert code == 0 and "to step 6" in out
+
+
+def test_explain_shows_the_cross_attention_of_a_trained_run(tmp_path, capsys):
+    cli(capsys, "train", "--task", "reverse", "--out", tmp_path / "r", *TINY)
+    code, out, _ = cli(capsys, "explain", "abc", "--model", tmp_path / "r", "--png", tmp_path / "x.png",
+                       "--html", tmp_path / "x.html")
+    assert code == 0 and "cross-attention" in out and "rows = output tokens, columns = input tokens" in out
+    assert (tmp_path / "x.png").stat().st_size > 1000 and "qkv-data" in (tmp_path / "x.html").read_text()
+    code, out, _ = cli(capsys, "explain", "abc", "--model", tmp_path / "r", "--format", "json", "--layer", "0")
+    data = json.loads(out)
+    assert data["kind"] == "cross" and data["keys"] == ["a", "b", "c", "<eos>"]
+    assert all(abs(sum(row) - 1) < 1e-4 for row in data["weights"]) and len(data["weights"]) == len(data["queries"])
+
+
+def test_export_a_trained_lm_and_generate_from_it(tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("hello attention world. " * 300, encoding="utf-8")
+    code, _, err = cli(capsys, "train", "--task", "text", "--data", text, "--out", tmp_path / "lm", "--max-steps", "3",
+                       "--batch-size", "4", "--block-size", "32", "--d-model", "32", "--n-heads", "2", "--n-layers", "1",
+                       "--d-ff", "64", "--eval-size", "8", "--quiet")
+    assert code == 0, err
+    code, out, err = cli(capsys, "export", tmp_path / "lm", "--hf", tmp_path / "hf", "--gguf", tmp_path / "lm.gguf")
+    assert code == 0 and out.count("wrote") == 2, err
+    for model in (tmp_path / "lm", tmp_path / "hf", tmp_path / "lm.gguf"):
+        code, out, err = cli(capsys, "generate", "hello", "--model", model, "-n", "5", "-t", "0")
+        assert code == 0, err
+    assert qkv.load(tmp_path / "hf").config.num_hidden_layers == qkv.load(tmp_path / "lm.gguf").config.num_hidden_layers == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--task", "translate"], "task must be one of"),
+    (["train", "--task", "text"], "needs --data FILE"),
+    (["train", "--task", "reverse", "--lr", "-1"], "lr must be a finite number"),
+    (["train", "--task", "reverse", "--batch-size", "0"], "batch_size must be a positive integer"),
+    (["train", "--config", "missing.toml"], "--config missing.toml"),
+    (["eval", "no/such/run"], "not a qkv training run"),
+    (["export", "minilm", "--hf", "x"], ""),
+    (["export", "smollm2"], "say where to write"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli(capsys, *argv)
+    assert code == 2 and err.startswith("qkv: error: ") and err.count("\n") == 1 and message in err
+
+
+def test_bad_data_files(tmp_path, capsys):
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1") * 100)
+    code, _, err = cli(capsys, "train", "--task", "text", "--data", tmp_path / "latin1.txt", "--out", tmp_path / "o",
+                       "--quiet")
+    assert code == 2 and "not UTF-8" in err and "byte 3" in err
+    (tmp_path / "short.txt").write_text("tiny", encoding="utf-8")
+    code, _, err = cli(capsys, "train", "--task", "text", "--data", tmp_path / "short.txt", "--out", tmp_path / "p",
+                       "--quiet")
+    assert code == 2 and "too few" in err and "--block-size" in err
+    (tmp_path / "bad.json").write_text('{"task": "reverse", "colour": "red"}')
+    code, _, err = cli(capsys, "train", "--config", tmp_path / "bad.json", "--quiet")
+    assert code == 2 and "unknown setting(s) colour" in err
+    (tmp_path / "bad.toml").write_text("task = ")
+    code, _, err = cli(capsys, "train", "--config", tmp_path / "bad.toml", "--quiet")
+    assert code == 2 and "not valid TOML" in err
