@@ -31,6 +31,7 @@ bench: setup
 	$(BIN)/python bench/attention.py
 	$(BIN)/python bench/llm.py
 	$(BIN)/python bench/capture.py
+	$(BIN)/python bench/train.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
