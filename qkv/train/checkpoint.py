@@ -138,6 +138,10 @@ def verify(path: str | Path) -> dict[str, bytes]:
                               "the checkpoint was not completed") from None
     if not ok:
         raise CheckpointError(f"{path / MANIFEST}: not a {FORMAT} manifest")
+    named = _NAME.match(path.name)
+    if named and manifest.get("step") != int(named.group(1)):
+        raise CheckpointError(f"{path / MANIFEST}: records step {manifest.get('step')!r} but the directory is "
+                              f"{path.name}; a renamed or copied checkpoint is not trusted")
     payload = {}
     for name in FILES:
         try:

@@ -663,3 +663,16 @@ def test_temporaries_are_made_inside_the_checkpoint_dir(tmp_path, monkeypatch):
     assert [(a.parent, b) for a, b in renames if b.parent == root] == [(root, ckpt.step_dir(root, 3))]
     assert list(system_tmp.iterdir()) == [], "nothing went through the system temp dir"
     assert math.isfinite(ckpt.decode_checkpoint(ckpt.step_dir(root, 3))[2]["eval"]["loss"])
+
+
+def test_a_renamed_checkpoint_is_not_trusted(tmp_path):
+    """A step-N directory whose manifest records another step (copied or renamed by hand) is skipped."""
+    from qkv.train.checkpoint import encode_checkpoint, newest_valid, save_checkpoint
+
+    root = tmp_path / "checkpoints"
+    payload = encode_checkpoint({"w": torch.zeros(2)}, {}, {"step": 3})
+    save_checkpoint(root, 3, payload)
+    save_checkpoint(root, 6, payload)
+    (root / "step-00000006").rename(root / "step-00000009")
+    path, skipped = newest_valid(root)
+    assert path.name == "step-00000003" and "records step 6" in skipped[0]
