@@ -129,6 +129,11 @@ class Trainer:
                                   "continue it or choose another --out")
         if self.resume and path is None:
             self.log(f"no valid checkpoint in {self.ckpt_root}: starting from step 0")
+        if path is not None:  # the checkpoint's own record too, in case run.json was lost or replaced
+            diff = mismatches(json.loads((path / "state.json").read_text(encoding="utf-8")).get("config", {}), self.cfg)
+            if diff:
+                raise CheckpointError(f"{path}: this checkpoint was made with other settings ({'; '.join(diff)}); "
+                                      "use another --out or the same settings")
         write_text(run_json, json.dumps(spec, indent=1))
         self._write_tokenizer()
         start = int(path.name.split("-")[1]) if path is not None else 0

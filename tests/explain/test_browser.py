@@ -176,3 +176,24 @@ def test_tokens_never_run(open_page, make_record, hostile_strings):
     page.uncheck("#words")
     texts = page.eval_on_selector_all("#tokens .tok", "els => els.map(e => e.textContent)")
     assert texts[:2] == payloads[:2]
+
+
+def test_cross_attention_page(open_page):
+    """An encoder–decoder's record: output tokens are the clickable queries, input tokens the bars."""
+    import torch
+
+    from qkv.explain.record import AttentionRecord
+
+    src, out = list("Nov 23, 2026") + ["<eos>"], list("2026-11-23") + ["<eos>"]
+    g = torch.Generator().manual_seed(5)
+    w = torch.softmax(torch.randn(2, 3, len(out), len(src), generator=g) * 3, -1)
+    rec = AttentionRecord(w, out, src, list(range(len(out))), [0, 1], [0, 1, 2], kind="cross", model="date")
+    page = open_page(explorer_html(rec, title="cross", query=3))
+    page.click('#tokens [data-q="8"]')  # the output's second-to-last digit
+    _assert_row(page, rec.row(8))
+    page.select_option("#layer", "1")
+    page.select_option("#head", "2")
+    _assert_row(page, rec.row(8, 1, 2))
+    assert "cross" in page.inner_text("body")
+    labels = page.eval_on_selector_all("#bars .bar[data-key] .label", "els => els.map(e => e.textContent)")
+    assert len(labels) == len(src) and labels[0] == "N"

@@ -676,3 +676,15 @@ def test_a_renamed_checkpoint_is_not_trusted(tmp_path):
     (root / "step-00000006").rename(root / "step-00000009")
     path, skipped = newest_valid(root)
     assert path.name == "step-00000003" and "records step 6" in skipped[0]
+
+
+def test_resume_checks_the_checkpoint_settings_even_without_run_json(tmp_path):
+    """C7 when run.json is gone: the checkpoint's own state.json still refuses other settings."""
+    cfg = TrainConfig(task="reverse", out=str(tmp_path / "run"), max_steps=3, batch_size=8, d_model=32, n_heads=2,
+                      n_layers=1, d_ff=64, n_train=200, n_val=20, n_test=20, eval_every=3, save_every=3,
+                      eval_size=20, samples=0)
+    Trainer(cfg, progress=False).run()
+    (tmp_path / "run" / "run.json").unlink()
+    with pytest.raises(CheckpointError, match="d_model: 32 in the run, 64 now"):
+        Trainer(cfg.replace(d_model=64, max_steps=6), resume=True, progress=False).run()
+    assert not (tmp_path / "run" / "run.json").exists()  # nothing rewritten on the way to the error
