@@ -12,11 +12,13 @@ checkpoint maps by identity and a GGUF one through a table in ``qkv.weights``.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import LlamaConfig
 from ..errors import ShapeError
 from ..nn import KVCache, MultiHeadAttention, RMSNorm, RoPE, SwiGLU
+from ..nn.quant import QuantizedLinear
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -91,6 +93,9 @@ class LlamaForCausalLM(nn.Module):
             observer: an ``AttentionObserver`` (qkv.explain) that sees each layer's q, k and lse.
         """
         b, t = self._check_ids(input_ids, cache)
+        if t == 1 and cache and attention_mask is None and positions is None and observer is None \
+                and self._compact_decode():
+            return self._decode_step(input_ids, cache)
         offset = cache[0].offset if cache else 0
         mask = None
         if attention_mask is not None:
@@ -110,6 +115,46 @@ class LlamaForCausalLM(nn.Module):
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.model.norm(x).to(self.model.norm.weight.dtype)).float()  # (B, T, V)
+
+    # -- one-token steps on the compact weights ------------------------------------------------------------
+
+    def _compact_decode(self) -> bool:
+        """Whether every matrix has the compact copy ``qkv.load(dtype="auto")`` attaches on the CPU (fused
+        q/k/v and gate/up, no biases): then one-token steps take :meth:`_decode_step`."""
+        if getattr(self, "_compact", None) is None:
+            mats = [m for layer in self.model.layers for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
+                                                                layer.mlp.gate_up_proj, layer.mlp.down_proj)]
+            self._compact = self.model.norm.weight.dtype == torch.float32 and all(
+                isinstance(m, QuantizedLinear) and m.kind != "float" and m.bias is None for m in mats + [self.lm_head])
+        return self._compact
+
+    def _decode_step(self, ids: torch.Tensor, cache: list[KVCache]) -> torch.Tensor:
+        """The layers of :meth:`forward` for one new token per row, written out with the same kernels in the
+        same order (so the logits are bitwise the same — a test holds them together) but without the module
+        calls and reshapes around them: at 135M parameters those cost as much as the 4-bit matmuls."""
+        cfg = self.config
+        h, k, d, c, eps = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size,
+                           cfg.rms_norm_eps)
+        b = ids.shape[0]
+        rope = self.model.layers[0].self_attn.rope
+        cos, _ = rope.cos_sin(torch.arange(cache[0].offset, cache[0].offset + 1, device=ids.device), ids.device)
+        signed_sin = rope._last[4]  # noqa: SLF001 — the table cos_sin just made
+        x = self.model.embed_tokens(ids).float().view(b, c)  # (B, C)
+        for layer, kv in zip(self.model.layers, cache):
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv = attn.qkv_proj.small(F.rms_norm(x, (c,), layer.input_layernorm.weight, eps=eps))
+            qkv = qkv.view(b, 1, h + 2 * k, d).transpose(1, 2)  # (B, H + 2K, 1, D)
+            qk = qkv[:, :h + k]
+            q, new_k = (qk * cos + torch.roll(qk, d // 2, -1) * signed_sin).split([h, k], dim=1)
+            keys, values = kv.update(new_k, qkv[:, h + k:])  # (B, K, S, D)
+            o = F.scaled_dot_product_attention(q, keys, values, dropout_p=0.0, is_causal=False, scale=None,
+                                               enable_gqa=h != k)  # (B, H, 1, D)
+            x = x + attn.o_proj.small(o.reshape(b, h * d))
+            gate, up = mlp.gate_up_proj.small(F.rms_norm(x, (c,), layer.post_attention_layernorm.weight,
+                                                         eps=eps)).chunk(2, dim=-1)
+            x = x + mlp.down_proj.small(F.silu(gate) * up)
+        x = F.rms_norm(x, (c,), self.model.norm.weight, eps=eps)
+        return self.lm_head.small(x).view(b, 1, -1)  # (B, 1, V) float32
 
     def _check_ids(self, ids: torch.Tensor, cache) -> tuple[int, int]:
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.long, torch.int32):

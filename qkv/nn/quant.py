@@ -61,11 +61,14 @@ class QuantizedLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)  # (M, K)
         if x2.shape[0] > self.small_m or self.kind == "float":
             return F.linear(x, self.weight, self.bias)
-        if self.kind == "int4":
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self.packed, self.group,
-                                                           self.scales_zeros).to(x.dtype)
-        else:
-            y = F.linear(x2.to(torch.float16), self.weight16).to(x.dtype)
+        y = self.small(x2)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*lead, self.out_features)
+
+    def small(self, x2: torch.Tensor) -> torch.Tensor:
+        """x2 (M, K) -> (M, N) through the compact copy, without the bias (M <= small_m; no checks)."""
+        if self.kind == "int4":
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self.packed, self.group,
+                                                              self.scales_zeros).to(x2.dtype)
+        return F.linear(x2.to(torch.float16), self.weight16).to(x2.dtype)

@@ -52,3 +52,28 @@ def test_decode_steps_stay_close_to_float32(fast, smollm2):
                 agree += int(ref.argmax() == got.argmax())
     print(f"mean KL {sum(kls) / len(kls):.2e}, max {max(kls):.2e}; greedy agreement {agree}/{clear}")
     assert sum(kls) / len(kls) < 2e-2 and agree == clear
+
+
+def test_compact_decode_step_is_bitwise_the_module_path(fast):
+    """One-token steps take LlamaForCausalLM._decode_step; it must be the layers' own computation, bit for bit.
+    The module path is forced by passing positions explicitly (which the shortcut does not take)."""
+    m = fast.model
+    assert m._compact_decode()
+    prompts = torch.tensor([fast.tokenizer.encode("Queries meet keys"), fast.tokenizer.encode("Values are mixed!")[:4]])
+    prompts = prompts[:, :4]
+    a, b = m.make_cache(2, 16), m.make_cache(2, 16)
+    with torch.inference_mode():
+        m(prompts, cache=a)
+        m(prompts, cache=b)
+        nxt = torch.tensor([[11], [4096]])
+        for step in range(5):
+            fast_logits = m(nxt, cache=a)
+            module_logits = m(nxt, cache=b, positions=torch.arange(b[0].offset, b[0].offset + 1))
+            assert fast_logits.shape == (2, 1, m.config.vocab_size)
+            assert torch.equal(fast_logits, module_logits), step
+            assert torch.equal(a[5].k[:, :, :a[5].offset], b[5].k[:, :, :b[5].offset])
+            nxt = fast_logits[:, -1].argmax(-1, keepdim=True)
+
+
+def test_exact_float32_model_never_takes_the_compact_step(smollm2):
+    assert not smollm2.model._compact_decode()
