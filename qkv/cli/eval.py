@@ -11,6 +11,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="test", choices=["test", "val", "train"],
                    help="seq2seq tasks: which split (default test, never trained on)")
     p.add_argument("--limit", type=int, default=None, help="evaluate at most this many examples")
+    p.add_argument("--beam", type=int, default=1, metavar="N", help="seq2seq: beam search with N beams (default 1 = greedy)")
     p.add_argument("--format", choices=["text", "json"], default="text")
 
 
@@ -20,12 +21,14 @@ def run(args: argparse.Namespace) -> int:
 
     if args.limit is not None and args.limit < 1:
         raise InputError(f"--limit must be >= 1, got {args.limit}")
-    result = evaluate_run(args.run, split=args.split, limit=args.limit)
+    if args.beam < 1:
+        raise InputError(f"--beam must be >= 1, got {args.beam}")
+    result = evaluate_run(args.run, split=args.split, limit=args.limit, beam_size=args.beam)
     if args.format == "json":
         print(json.dumps(result))
         return 0
     print(f"{result['run']} ({result['task']}, {result['checkpoint']})")
-    for key in ("split", "examples", "tokens", "exact_match", "loss", "perplexity"):
+    for key in ("split", "examples", "decoding", "tokens", "exact_match", "loss", "perplexity"):
         if key in result:
             v = result[key]
             print(f"  {key:12s} {v:.4f}" if isinstance(v, float) else f"  {key:12s} {v}")

@@ -10,8 +10,9 @@ from .config import TrainConfig
 from .jobs import LMJob, Seq2SeqJob
 
 
-def evaluate_run(run_dir: str | Path, *, split: str = "test", limit: int | None = None) -> dict:
-    """Exact match + loss on the task's ``split`` (seq2seq), or held-out loss + perplexity (text)."""
+def evaluate_run(run_dir: str | Path, *, split: str = "test", limit: int | None = None, beam_size: int = 1) -> dict:
+    """Exact match + loss on the task's ``split`` (seq2seq; greedy, or beam search with ``beam_size`` > 1),
+    or held-out loss + perplexity (text)."""
     from ..load import load
 
     run_dir = Path(run_dir)
@@ -26,6 +27,7 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", limit: int | None 
         result = job.evaluate(loaded.model, limit=limit)
     else:
         job = Seq2SeqJob(cfg, chars=loaded.tokenizer.chars)
-        result = job.evaluate(loaded.model, split, limit=limit)
+        result = job.evaluate(loaded.model, split, limit=limit, beam_size=beam_size)
         result.pop("predictions")
+        result["decoding"] = "greedy" if beam_size == 1 else f"beam {beam_size}"
     return {"run": str(run_dir), "task": cfg.task, "checkpoint": loaded.info["checkpoint"], **result}

@@ -84,8 +84,8 @@ class Seq2SeqJob:
 
     @torch.no_grad()
     def evaluate(self, model: EncoderDecoder, split: str = "val", limit: int | None = None,
-                 device="cpu") -> dict:
-        """Exact match of greedy decodes and the mean target-token loss over a split."""
+                 device="cpu", beam_size: int = 1) -> dict:
+        """Exact match of greedy (or beam-search) decodes and the mean target-token loss over a split."""
         pairs = self.data.split(split)[:limit]
         hits, loss, n_tok, preds = 0, 0.0, 0, []
         for i in range(0, len(pairs), 256):
@@ -93,7 +93,9 @@ class Seq2SeqJob:
             b = collate(chunk, self.vocab).to(device)
             loss += float(self.loss_sum(model, b))
             n_tok += b.n_tokens
-            out = model.greedy(b.src, bos=BOS, eos=EOS, max_new_tokens=b.labels.shape[1] + 4, src_mask=b.src_mask)
+            budget = dict(bos=BOS, eos=EOS, max_new_tokens=b.labels.shape[1] + 4, src_mask=b.src_mask)
+            out = model.greedy(b.src, **budget) if beam_size == 1 else model.beam_search(b.src, beam_size=beam_size,
+                                                                                       **budget)
             for (_, tgt), ids in zip(chunk, out):
                 preds.append(self.vocab.decode(ids))
                 hits += preds[-1] == tgt

@@ -113,3 +113,15 @@ def test_bad_data_files(tmp_path, capsys):
     (tmp_path / "bad.toml").write_text("task = ")
     code, _, err = cli(capsys, "train", "--config", tmp_path / "bad.toml", "--quiet")
     assert code == 2 and "not valid TOML" in err
+
+
+def test_progress_lines_and_samples(tmp_path, capsys):
+    """Without --quiet (and not on a terminal): a line per --log-every steps with loss, lr, tokens/s, ETA."""
+    argv = [a for a in TINY if a != "--quiet"]
+    code, _, err = cli(capsys, "train", "--task", "reverse", "--out", tmp_path / "r", *argv, "--log-every", "2")
+    lines = [x for x in err.splitlines() if x.startswith("step ")]
+    assert code == 0 and [x.split()[1] for x in lines] == ["2/4", "4/4"]
+    assert all(" loss " in x and " lr " in x and "tok/s" in x and "ETA" in x for x in lines)
+    assert "eval at step 2: exact_match" in err and " -> " in err  # evaluation with a sample output
+    code, out, _ = cli(capsys, "eval", tmp_path / "r", "--beam", "2", "--format", "json")
+    assert code == 0 and json.loads(out)["decoding"] == "beam 2"

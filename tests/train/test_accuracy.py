@@ -21,6 +21,14 @@ def test_reversal_reaches_99_percent_on_held_out_test_split(trained_reverse):
     assert test["examples"] == 1000 and test["exact_match"] >= 0.99, test
 
 
+def test_beam_search_evaluation_agrees(trained_reverse):
+    cfg, _ = trained_reverse
+    beam = evaluate_run(cfg.out, split="test", limit=200, beam_size=3)
+    greedy = evaluate_run(cfg.out, split="test", limit=200)
+    assert beam["decoding"] == "beam 3" and greedy["decoding"] == "greedy"
+    assert beam["exact_match"] >= 0.99 and abs(beam["exact_match"] - greedy["exact_match"]) <= 0.01
+
+
 def test_trained_run_loads_back_and_decodes(trained_reverse):
     cfg, _ = trained_reverse
     loaded = qkv.load(cfg.out)
