@@ -36,8 +36,10 @@ def explorer_html(record: AttentionRecord, *, title: str = "qkv", query: int | N
     """The explorer page for ``record``. ``query`` (a captured query position) is selected on opening;
     by default the last captured one, whose row sees the most context in a causal model."""
     data = _payload(record, title, query)
+    heading = ("Output — click a token to see which input tokens it attends to" if record.kind == "cross"
+               else "Text — click a token to see what it attends to")
     return _PAGE.format(title=html.escape(str(title), quote=True), csp=CSP, css=_CSS, js=_JS,
-                        data=safe_json(data))
+                        data=safe_json(data), text_heading=heading)
 
 
 def safe_json(obj) -> str:
@@ -57,7 +59,7 @@ def _payload(rec: AttentionRecord, title: str, query: int | None) -> dict:
     shown = rec.queries[rows]
     initial = query if query in shown else (shown[-1] if shown else None)
     data = {"version": 1, "title": str(title), "model": rec.model, "kind": rec.kind, "note": rec.note,
-            "sink_removed": rec.sink_removed, "sink_available": not rec.sink_removed and n_k >= 2,
+            "sink_removed": rec.sink_removed, "sink_available": not rec.sink_removed and n_k >= 2 and rec.kind != "cross",
             "query_tokens": list(rec.query_tokens), "key_tokens": list(rec.key_tokens),
             "queries": list(shown), "captured_queries": n_q, "layers": list(rec.layers),
             "heads": list(rec.heads), "key_roles": list(rec.key_roles), "initial_query": initial,
@@ -174,7 +176,7 @@ _PAGE = """<!DOCTYPE html>
  <label><input type="checkbox" id="words"> word view (query: mean over the word's pieces; key: sum)</label>
  <label><input type="checkbox" id="nosink"> drop first token (sink) and renormalise</label>
 </section>
-<section aria-label="text"><h2>Text — click a token to see what it attends to</h2><div id="tokens"></div></section>
+<section aria-label="text"><h2>{text_heading}</h2><div id="tokens"></div></section>
 <section aria-label="bars"><h2 id="caption"></h2><div id="bars"></div></section>
 <section aria-label="head view"><h2 id="headcap">Head view</h2><div id="headview" class="grid"></div></section>
 <section aria-label="model view"><h2 id="modelcap">Model view</h2><div id="modelview"></div></section>

@@ -194,6 +194,7 @@ def test_cross_attention_page(open_page):
     page.select_option("#layer", "1")
     page.select_option("#head", "2")
     _assert_row(page, rec.row(8, 1, 2))
-    assert "cross" in page.inner_text("body")
+    assert "cross" in page.inner_text("body") and "Output — click a token" in page.inner_text("body")
+    assert page.is_disabled("#nosink")  # no attention sink to drop between two sequences
     labels = page.eval_on_selector_all("#bars .bar[data-key] .label", "els => els.map(e => e.textContent)")
     assert len(labels) == len(src) and labels[0] == "N"
