@@ -242,7 +242,7 @@ def _load_run_dir(name: str, path: Path, dtype: torch.dtype) -> Loaded:
             model = EncoderDecoder(cfg)
         check_state(model, state, source=str(ckpt))
         model.load_state_dict(state, strict=False, assign=True)
-        model.positions = sinusoidal_positions(cfg.max_len, cfg.d_model)  # the non-persistent table, off meta
+        model.positions = sinusoidal_positions(cfg.max_len, cfg.d_model).to(dtype)  # non-persistent, off meta
         return Loaded(model, CharVocab(spec["chars"]), None, cfg, name, path, "qkv-run", info)
     cfg = LlamaConfig.from_dict({"name": name, **spec["model"]}, where=str(path / "run.json"))
     tokenizer = Tokenizer.from_hf_dir(path)

@@ -109,6 +109,9 @@ def _run_cross(loaded, args) -> int:
     from ..explain.render_text import bar_chart, heatmap, selection_label
 
     _check_range(loaded, args.layer, args.head)
+    if args.no_sink or args.heatmap:
+        raise InputError("--no-sink and --heatmap are for self-attention; an encoder–decoder's cross-attention "
+                         "is shown as a heatmap already, with no sink token to drop")
     output, rec = capture_cross(loaded, args.text, layers=None if args.html else _one(args.layer),
                                 heads=None if args.html else _one(args.head))
     w = _select(rec, args.layer, args.head)  # (Q, S)

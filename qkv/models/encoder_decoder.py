@@ -168,9 +168,9 @@ class EncoderDecoder(nn.Module):
 
     def make_caches(self, batch: int, max_tgt: int, src_len: int) -> list[tuple[KVCache, KVCache]]:
         c = self.config
-        d, dev = c.d_model // c.n_heads, self.out.weight.device
-        return [(KVCache(batch, c.n_heads, max_tgt, d, device=dev),
-                 KVCache(batch, c.n_heads, src_len, d, device=dev, cross=True)) for _ in self.decoder]
+        d, dev, dt = c.d_model // c.n_heads, self.out.weight.device, self.out.weight.dtype
+        return [(KVCache(batch, c.n_heads, max_tgt, d, dtype=dt, device=dev),
+                 KVCache(batch, c.n_heads, src_len, d, dtype=dt, device=dev, cross=True)) for _ in self.decoder]
 
     @torch.inference_mode()
     def greedy(self, src, *, bos: int, eos: int, max_new_tokens: int, src_mask=None) -> list[list[int]]:

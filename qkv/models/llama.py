@@ -94,7 +94,7 @@ class LlamaForCausalLM(nn.Module):
         """
         b, t = self._check_ids(input_ids, cache)
         if t == 1 and cache and attention_mask is None and positions is None and observer is None \
-                and self._compact_decode():
+                and self._compact_decode(b):
             return self._decode_step(input_ids, cache)
         offset = cache[0].offset if cache else 0
         mask = None
@@ -118,15 +118,15 @@ class LlamaForCausalLM(nn.Module):
 
     # -- one-token steps on the compact weights ------------------------------------------------------------
 
-    def _compact_decode(self) -> bool:
-        """Whether every matrix has the compact copy ``qkv.load(dtype="auto")`` attaches on the CPU (fused
-        q/k/v and gate/up, no biases): then one-token steps take :meth:`_decode_step`."""
-        if getattr(self, "_compact", None) is None:
-            mats = [m for layer in self.model.layers for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
-                                                                layer.mlp.gate_up_proj, layer.mlp.down_proj)]
-            self._compact = self.model.norm.weight.dtype == torch.float32 and all(
-                isinstance(m, QuantizedLinear) and m.kind != "float" and m.bias is None for m in mats + [self.lm_head])
-        return self._compact
+    def _compact_decode(self, batch: int) -> bool:
+        """Whether every matrix uses the compact copy ``qkv.load(dtype="auto")`` attaches on the CPU (fused
+        q/k/v and gate/up, no biases) for ``batch`` rows: then a one-token step takes :meth:`_decode_step`.
+        Checked on every call (a few µs): modules can be swapped after loading."""
+        mats = [self.lm_head] + [m for layer in self.model.layers for m in (
+            layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)]
+        return self.model.norm.weight.dtype == torch.float32 and all(
+            isinstance(m, QuantizedLinear) and m.kind != "float" and m.bias is None and batch <= m.small_m
+            for m in mats)
 
     def _decode_step(self, ids: torch.Tensor, cache: list[KVCache]) -> torch.Tensor:
         """The layers of :meth:`forward` for one new token per row, written out with the same kernels in the

@@ -11,6 +11,7 @@ from pathlib import Path
 from ..errors import ConfigError
 
 TASK_NAMES = ("date", "reverse", "sort", "text")
+MAX_TASK_LEN = 120  # reverse/sort strings: + <eos>/<bos> and decoding slack within 128 sinusoidal positions
 # Fields that decide the model and the data: a resumed run must agree on them (RELIABILITY C7).
 IDENTITY_FIELDS = ("task", "data", "init", "tokenizer", "seed", "max_len", "n_train", "n_val", "n_test",
                    "block_size", "d_model", "n_heads", "n_kv_heads", "n_layers", "d_ff", "dropout",
@@ -87,6 +88,19 @@ class TrainConfig:
                               ("distributed", ("ddp", "fsdp"))):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.seed >= 2**32:
+            raise ConfigError(f"seed must be below 2^32, got {self.seed}")
+        if self.task in ("reverse", "sort") and self.max_len > MAX_TASK_LEN:
+            raise ConfigError(f"max_len {self.max_len} is too long for the encoder–decoder's {MAX_TASK_LEN + 8} "
+                              f"positions; use --max-len {MAX_TASK_LEN} or less")
+        for name in ("task", "out", "tokenizer", "precision", "nan_policy", "device", "distributed"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"{name} must be a string, got {getattr(self, name)!r}")
+        for name in ("data", "init"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ConfigError(f"{name} must be a string (a path or model name), got {getattr(self, name)!r}")
+        if not isinstance(self.norm_first, bool):
+            raise ConfigError(f"norm_first must be true or false, got {self.norm_first!r}")
         if self.d_model % self.n_heads:
             raise ConfigError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
 

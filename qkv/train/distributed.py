@@ -57,9 +57,10 @@ class Dist:
 
 def setup(device: str, mode: str) -> Dist:
     """Join the process group when launched by torchrun; otherwise a single process."""
+    from ..load import resolve_device
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = str(resolve_device(device))  # "auto" -> cuda if there is one; unknown or absent devices: one line
     if world <= 1:
         return Dist(device=torch.device(device))
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, InputError
 from .config import TrainConfig
 from .jobs import LMJob, Seq2SeqJob
 
@@ -22,6 +22,9 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", limit: int | None 
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{run_dir}: not a qkv training run (run.json: {e.__class__.__name__})") from None
     loaded = load(run_dir, dtype="float32", device="cpu")
+    if cfg.task == "text" and (beam_size != 1 or split != "test"):
+        raise InputError(f"{run_dir} is a text run: it has one held-out part and no decoding to search "
+                         "(--beam and --split are for the seq2seq tasks)")
     if cfg.task == "text":
         job = LMJob(cfg, model_config=loaded.config, tokenizer=loaded.tokenizer)
         result = job.evaluate(loaded.model, limit=limit)

@@ -11,6 +11,7 @@ model — that is how ``qkv.load(run_dir)`` and ``qkv eval`` rebuild a trained m
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LlamaConfig
+from ..errors import ConfigError
 from ..models.encoder_decoder import EncoderDecoder, Seq2SeqConfig
 from ..models.llama import LlamaForCausalLM
 from ..text.tokenizer import Tokenizer
@@ -93,7 +95,8 @@ class Seq2SeqJob:
             b = collate(chunk, self.vocab).to(device)
             loss += float(self.loss_sum(model, b))
             n_tok += b.n_tokens
-            budget = dict(bos=BOS, eos=EOS, max_new_tokens=b.labels.shape[1] + 4, src_mask=b.src_mask)
+            room = self.model_config.max_len - 1  # the decoder's positions: <bos> + what it writes
+            budget = dict(bos=BOS, eos=EOS, max_new_tokens=min(b.labels.shape[1] + 4, room), src_mask=b.src_mask)
             out = model.greedy(b.src, **budget) if beam_size == 1 else model.beam_search(b.src, beam_size=beam_size,
                                                                                        **budget)
             for (_, tgt), ids in zip(chunk, out):
@@ -114,10 +117,8 @@ class LMJob:
     def __init__(self, cfg: TrainConfig, *, model_config: LlamaConfig | None = None, tokenizer: Tokenizer | None = None,
                  loaded=None):
         self.cfg, self.loaded = cfg, loaded
-        if loaded is None and cfg.init:
-            from ..load import load
-
-            loaded = self.loaded = load(cfg.init, dtype="float32", device="cpu")
+        if loaded is None and cfg.init and model_config is None:
+            loaded = self.loaded = _load_llama(cfg.init, "--init")
         if loaded is not None:
             tokenizer, model_config = loaded.tokenizer, loaded.config
         self.tokenizer = tokenizer or _scratch_tokenizer(cfg.tokenizer)
@@ -132,8 +133,8 @@ class LMJob:
         return self._data
 
     def build(self) -> LlamaForCausalLM:
-        if self.loaded is not None:  # fine-tuning: start from the loaded weights (cast to float32 for training)
-            return self.loaded.model.float().train()
+        if self.loaded is not None:  # fine-tuning: a fresh float32 copy of the loaded weights each time
+            return copy.deepcopy(self.loaded.model).float().train()
         model = LlamaForCausalLM(self.model_config)
         init_weights(model)
         return model
@@ -178,6 +179,8 @@ class LMJob:
         from ..generate.sampling import SamplingOptions
 
         room = model.config.max_position_embeddings
+        if room < 2:
+            return []
         prompt = self.data.val[:min(16, room // 2)].tolist()
         new = list(generate_ids(model, prompt, SamplingOptions(temperature=0.0), max_new_tokens=min(48, room - len(prompt)),
                                 stop_ids=self.tokenizer.eos_ids))
@@ -187,9 +190,18 @@ class LMJob:
 def _scratch_tokenizer(name: str) -> Tokenizer:
     if name == "bytes":
         return Tokenizer.byte_level()
+    return _load_llama(name, "--tokenizer").tokenizer
+
+
+def _load_llama(name: str, flag: str):
+    """A Llama-architecture model to start from or borrow a tokenizer from; anything else is refused."""
     from ..load import load
 
-    return load(name, dtype="float32", device="cpu").tokenizer
+    loaded = load(name, dtype="float32", device="cpu")
+    if not isinstance(loaded.model, LlamaForCausalLM) or not isinstance(loaded.tokenizer, Tokenizer):
+        raise ConfigError(f"{flag} {name}: a {type(loaded.model).__name__} cannot start a decoder LM; give a "
+                          "Llama-architecture model (smollm2, a .gguf, an HF llama directory, a text-task run)")
+    return loaded
 
 
 def _scratch_config(cfg: TrainConfig, tok: Tokenizer) -> LlamaConfig:

@@ -42,11 +42,13 @@ class TrainingError(QkvError, RuntimeError):
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr`` at ``max_steps``."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(1, cfg.max_steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    """Linear warmup to ``lr`` over ``warmup_steps`` (at most half the run, so a short run still reaches
+    ``lr`` and decays), then cosine decay to ``min_lr`` at ``max_steps``."""
+    warmup = min(cfg.warmup_steps, cfg.max_steps // 2)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    span = max(1, cfg.max_steps - warmup)
+    progress = min(1.0, (step - warmup) / span)
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
@@ -59,7 +61,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
 
 
 def _seed(cfg: TrainConfig, rank: int, micro_step: int) -> int:
-    return (cfg.seed * 1_000_003 + micro_step) * 257 + rank
+    return ((cfg.seed * 1_000_003 + micro_step) * 257 + rank) % (2**63 - 1)
 
 
 class Trainer:
@@ -113,15 +115,14 @@ class Trainer:
         """Check or write run.json, clean what an interrupted save left, find where to start (rank 0)."""
         spec = {"format": RUN_FORMAT, "config": self.cfg.to_dict(), "spec": self.job.spec()}
         run_json = self.out / "run.json"
-        if run_json.exists():
-            saved = _read_run_json(run_json)
-            diff = mismatches(saved.get("config", {}), self.cfg)
-            if diff:
-                raise CheckpointError(f"{run_json}: this run was made with other settings ({'; '.join(diff)}); "
-                                      "use another --out or the same settings")
         for leftover in ckpt.clean_temporaries(self.ckpt_root):
             self.log(f"removed {leftover.name}: an interrupted checkpoint write")
         path, skipped = ckpt.newest_valid(self.ckpt_root)
+        if run_json.exists() and path is not None:  # settings bind once something was trained with them
+            diff = mismatches(_read_run_json(run_json).get("config", {}), self.cfg)
+            if diff:
+                raise CheckpointError(f"{run_json}: this run was made with other settings ({'; '.join(diff)}); "
+                                      "use another --out or the same settings")
         for why in skipped:
             self.log(f"skipping invalid checkpoint: {why}")
         if path is not None and not self.resume:
@@ -213,9 +214,15 @@ class Trainer:
 
     def _eval_and_save(self, d: D.Dist, model, opt, done: int, last: dict) -> dict:
         """Evaluate and checkpoint on schedule — also after a skipped step, so the final weights are saved."""
+        save = done % self.cfg.save_every == 0 or done == self.cfg.max_steps
         if done % self.cfg.eval_every == 0 or done == self.cfg.max_steps:
-            last = self._evaluate(d, model, done)
-        if done % self.cfg.save_every == 0 or done == self.cfg.max_steps:
+            try:
+                last = self._evaluate(d, model, done)
+            except Exception:
+                if save:  # an evaluation that fails must not cost the trained weights
+                    self._save(d, model, opt, done, last)
+                raise
+        if save:
             self._save(d, model, opt, done, last)
         return last
 
@@ -283,15 +290,23 @@ class Trainer:
         if getattr(D.unwrap(model).config, "tie_word_embeddings", False):
             weights.pop("lm_head.weight", None)  # one tensor, stored once
         opt_tensors, groups = D.full_optimizer_state(model, opt)
+        error = None
         if d.is_main:
-            bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-            if bad:
-                raise TrainingError(f"not saving step {step}: non-finite weights in {', '.join(bad[:3])}")
-            state = {"step": step, "param_groups": groups, "eval": last_eval, "world_size": d.world,
-                     "config": self.cfg.to_dict()}
-            payload = ckpt.encode_checkpoint(weights, opt_tensors, state)
-            ckpt.save_checkpoint(self.ckpt_root, step, payload, keep=self.cfg.keep)
-        d.barrier()
+            try:
+                self._write_checkpoint(d, step, weights, opt_tensors, groups, last_eval)
+            except QkvError as e:
+                error = e
+        if d.any(error is not None):  # every process stops together instead of waiting on a dead rank 0
+            raise error or CheckpointError(f"rank 0 could not save checkpoint step {step} (its error says why)")
+
+    def _write_checkpoint(self, d: D.Dist, step: int, weights, opt_tensors, groups, last_eval) -> None:
+        bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise TrainingError(f"not saving step {step}: non-finite weights in {', '.join(bad[:3])}")
+        state = {"step": step, "param_groups": groups, "eval": last_eval, "world_size": d.world,
+                 "config": self.cfg.to_dict()}
+        payload = ckpt.encode_checkpoint(weights, opt_tensors, state)
+        ckpt.save_checkpoint(self.ckpt_root, step, payload, keep=self.cfg.keep)
 
     def _metric(self, record: dict) -> None:
         with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:

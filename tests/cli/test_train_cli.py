@@ -91,9 +91,15 @@ def test_export_a_trained_lm_and_generate_from_it(tmp_path, capsys):
     (["eval", "no/such/run"], "not a qkv training run"),
     (["export", "minilm", "--hf", "x"], ""),
     (["export", "smollm2"], "say where to write"),
+    (["train", "--task", "text", "--data", "t.txt", "--init", "minilm"], "BertModel cannot start a decoder LM"),
+    (["train", "--task", "text", "--data", "t.txt", "--tokenizer", "minilm"], "cannot start a decoder LM"),
+    (["train", "--task", "reverse", "--max-len", "200"], "use --max-len 120 or less"),
+    (["train", "--task", "reverse", "--seed", str(2**40)], "seed must be below 2^32"),
+    (["train", "--task", "reverse", "--device", "bogus"], "is not a device name"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "t.txt").write_text("some text to learn from. " * 400, encoding="utf-8")
     code, out, err = cli(capsys, *argv)
     assert code == 2 and err.startswith("qkv: error: ") and err.count("\n") == 1 and message in err
 
@@ -125,3 +131,29 @@ def test_progress_lines_and_samples(tmp_path, capsys):
     assert "eval at step 2: exact_match" in err and " -> " in err  # evaluation with a sample output
     code, out, _ = cli(capsys, "eval", tmp_path / "r", "--beam", "2", "--format", "json")
     assert code == 0 and json.loads(out)["decoding"] == "beam 2"
+
+
+def test_wrong_uses_of_a_trained_run(tmp_path, capsys):
+    cli(capsys, "train", "--task", "reverse", "--out", tmp_path / "r", *TINY)
+    code, _, err = cli(capsys, "export", tmp_path / "r", "--hf", tmp_path / "hf")
+    assert code == 2 and "EncoderDecoder" in err and "Llama-architecture" in err
+    code, _, err = cli(capsys, "explain", "abc", "--model", tmp_path / "r", "--no-sink")
+    assert code == 2 and "no sink" in err
+    code, out, _ = cli(capsys, "explain", "abc", "--model", tmp_path / "r", "--dtype", "bfloat16", "--format", "json")
+    assert code == 0 and json.loads(out)["kind"] == "cross"
+    text = tmp_path / "t.txt"
+    text.write_text("hello attention world. " * 300, encoding="utf-8")
+    cli(capsys, "train", "--task", "text", "--data", text, "--out", tmp_path / "lm", "--max-steps", "2", "--batch-size",
+        "4", "--block-size", "16", "--d-model", "32", "--n-heads", "2", "--n-layers", "1", "--d-ff", "64", "--quiet")
+    code, _, err = cli(capsys, "eval", tmp_path / "lm", "--beam", "3")
+    assert code == 2 and "text run" in err
+
+
+def test_settings_bind_only_once_something_was_saved(tmp_path, capsys):
+    """A run that failed before its first checkpoint does not lock its settings in."""
+    code, _, _ = cli(capsys, "train", "--task", "text", "--data", tmp_path / "missing.txt", "--out", tmp_path / "r")
+    assert code == 2
+    (tmp_path / "r").mkdir(exist_ok=True)
+    (tmp_path / "r" / "run.json").write_text(json.dumps({"format": "qkv-run/1", "config": {"task": "sort"}}))
+    code, out, err = cli(capsys, "train", "--task", "reverse", "--out", tmp_path / "r", *TINY)
+    assert code == 0, err

@@ -58,7 +58,7 @@ def test_compact_decode_step_is_bitwise_the_module_path(fast):
     """One-token steps take LlamaForCausalLM._decode_step; it must be the layers' own computation, bit for bit.
     The module path is forced by passing positions explicitly (which the shortcut does not take)."""
     m = fast.model
-    assert m._compact_decode()
+    assert m._compact_decode(2) and not m._compact_decode(9)  # more rows than small_m: the float32 weights
     prompts = torch.tensor([fast.tokenizer.encode("Queries meet keys"), fast.tokenizer.encode("Values are mixed!")[:4]])
     prompts = prompts[:, :4]
     a, b = m.make_cache(2, 16), m.make_cache(2, 16)
@@ -76,4 +76,17 @@ def test_compact_decode_step_is_bitwise_the_module_path(fast):
 
 
 def test_exact_float32_model_never_takes_the_compact_step(smollm2):
-    assert not smollm2.model._compact_decode()
+    assert not smollm2.model._compact_decode(1)
+
+
+def test_a_swapped_unembedding_leaves_the_compact_step(fast):
+    """Modules replaced after loading: the shortcut notices (the module path then runs as written)."""
+    import copy
+
+    m = copy.deepcopy(fast.model)
+    cache = m.make_cache(1, 8)
+    with torch.inference_mode():
+        m(torch.tensor([[1, 2]]), cache=cache)
+        m(torch.tensor([[3]]), cache=cache)
+        m.lm_head = torch.nn.Linear(576, m.config.vocab_size, bias=False)
+        assert not m._compact_decode(1) and m(torch.tensor([[4]]), cache=cache).shape == (1, 1, m.config.vocab_size)

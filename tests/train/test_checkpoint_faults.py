@@ -661,7 +661,8 @@ def test_temporaries_are_made_inside_the_checkpoint_dir(tmp_path, monkeypatch):
     assert {p.parent.parent for p in written} == {root}
     assert all(p.parent.name.startswith(".tmp-step-00000003-") for p in written)
     assert [(a.parent, b) for a, b in renames if b.parent == root] == [(root, ckpt.step_dir(root, 3))]
-    assert list(system_tmp.iterdir()) == [], "nothing went through the system temp dir"
+    stray = [p for p in system_tmp.iterdir() if not p.name.startswith("torchinductor_")]  # torch's own cache dir
+    assert stray == [], "nothing went through the system temp dir"
     assert math.isfinite(ckpt.decode_checkpoint(ckpt.step_dir(root, 3))[2]["eval"]["loss"])
 
 

@@ -78,6 +78,22 @@ def test_learning_rate_schedule():
     assert lr_at(100, cfg) == pytest.approx(1e-4)
     steps = [lr_at(s, cfg) for s in range(10, 101)]
     assert all(a >= b for a, b in zip(steps, steps[1:]))  # cosine only decays after warmup
+    short = cfg.replace(max_steps=8)  # warmup 10 > the run: capped at half of it, so lr still peaks and decays
+    assert lr_at(3, short) == pytest.approx(1e-3) and lr_at(7, short) < 1e-3
+
+
+def test_fine_tuning_builds_fresh_copies(smollm2, tmp_path):
+    """FSDP shards the model it is given in place; evaluation builds another — they must not be one object."""
+    from qkv.train import TrainConfig
+    from qkv.train.jobs import LMJob
+
+    (tmp_path / "t.txt").write_text("abc " * 500, encoding="utf-8")
+    job = LMJob(TrainConfig(task="text", data=str(tmp_path / "t.txt"), init="smollm2", out=str(tmp_path / "o")),
+                loaded=smollm2)
+    a, b = job.build(), job.build()
+    assert a is not b and a is not smollm2.model
+    assert torch.equal(a.model.layers[3].mlp.up_proj.weight, smollm2.model.model.layers[3].mlp.up_proj.weight)
+    assert a.lm_head.weight is a.model.embed_tokens.weight  # the copy keeps its tie
 
 
 def test_bf16_autocast_trains_close_to_fp32(tmp_path):
