@@ -88,7 +88,9 @@ class Trainer:
             torch.manual_seed(self.cfg.seed)
             self.job = make_job(self.cfg)
             with ckpt.RunLock(self._prepared_out()) if d.is_main else nullcontext():
-                return self._run(d)
+                result = self._run(d)
+            d.barrier()  # a normal end: every process is done before the group is torn down (gloo aborts otherwise)
+            return result
         finally:
             d.close()
 
