@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(result))
         return 0
     print(f"{result['run']} ({result['task']}, {result['checkpoint']})")
-    for key in ("split", "examples", "decoding", "tokens", "exact_match", "loss", "perplexity"):
+    for key in ("split", "examples", "decoding", "windows", "tokens", "exact_match", "loss", "perplexity"):
         if key in result:
             v = result[key]
             print(f"  {key:12s} {v:.4f}" if isinstance(v, float) else f"  {key:12s} {v}")

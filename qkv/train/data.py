@@ -127,9 +127,10 @@ def text_batch(data: torch.Tensor, *, seed: int, micro_step: int, batch_size: in
     return torch.stack([data[s:s + block_size + 1] for s in starts.tolist()])  # (B, block_size + 1)
 
 
-def text_eval_batches(data: torch.Tensor, *, batch_size: int, block_size: int, max_batches: int):
-    """Consecutive non-overlapping windows of the held-out tokens, in order (the same every time)."""
-    n = (len(data) - 1) // block_size
+def text_eval_batches(data: torch.Tensor, *, batch_size: int, block_size: int, max_windows: int | None = None):
+    """The first ``max_windows`` consecutive non-overlapping windows of the held-out tokens, in batches
+    (the same every time)."""
+    n = min((len(data) - 1) // block_size, max_windows if max_windows is not None else 1 << 62)
     windows = [data[i * block_size:(i + 1) * block_size + 1] for i in range(n)]
-    for b in range(min(max_batches, -(-len(windows) // batch_size))):
-        yield torch.stack(windows[b * batch_size:(b + 1) * batch_size])
+    for b in range(0, n, batch_size):
+        yield torch.stack(windows[b:b + batch_size])  # (≤ batch_size, block_size + 1)

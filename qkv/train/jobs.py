@@ -168,11 +168,12 @@ class LMJob:
         """Mean next-token loss and perplexity over the held-out tail of the text."""
         loss, n = 0.0, 0
         for b in text_eval_batches(self.data.val, batch_size=self.cfg.batch_size, block_size=self.cfg.block_size,
-                                   max_batches=-(-(limit or 10**9) // self.cfg.batch_size)):
+                                   max_windows=limit):
             loss += float(self.loss_sum(model, b.to(device)))
             n += self.n_targets(b)
         mean = loss / max(1, n)
-        return {"split": "held-out", "tokens": n, "loss": mean, "perplexity": math.exp(min(mean, 700.0))}
+        return {"split": "held-out", "windows": n // self.cfg.block_size, "tokens": n, "loss": mean,
+                "perplexity": math.exp(min(mean, 700.0))}
 
     def samples(self, model: LlamaForCausalLM, result: dict, n: int) -> list[str]:
         from ..generate.loop import generate_ids

@@ -89,3 +89,10 @@ def test_fine_tune_smollm2(tmp_path, smollm2):
     assert tuned.tokenizer.encode(sentence) == smollm2.tokenizer.encode(sentence)
     w0 = smollm2.model.model.layers[0].self_attn.q_proj.weight
     assert not torch.equal(tuned.model.model.layers[0].self_attn.q_proj.weight, w0)
+
+
+def test_eval_limit_counts_windows(lm_run):
+    cfg, _ = lm_run
+    one = evaluate_run(cfg.out, limit=1)
+    three = evaluate_run(cfg.out, limit=3)
+    assert (one["windows"], one["tokens"]) == (1, cfg.block_size) and three["windows"] == 3
