@@ -137,8 +137,8 @@ class LlamaForCausalLM(nn.Module):
                            cfg.rms_norm_eps)
         b = ids.shape[0]
         rope = self.model.layers[0].self_attn.rope
-        cos, _ = rope.cos_sin(torch.arange(cache[0].offset, cache[0].offset + 1, device=ids.device), ids.device)
-        signed_sin = rope._last[4]  # noqa: SLF001 — the table cos_sin just made
+        cos, signed_sin = rope.rotation(torch.arange(cache[0].offset, cache[0].offset + 1, device=ids.device),
+                                        ids.device)  # (1, D) each
         x = self.model.embed_tokens(ids).float().view(b, c)  # (B, C)
         for layer, kv in zip(self.model.layers, cache):
             attn, mlp = layer.self_attn, layer.mlp

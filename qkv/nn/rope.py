@@ -87,7 +87,7 @@ class RoPE(nn.Module):
                 raise ConfigError(f"RoPE freq_factors must be {dim // 2} positive numbers, got {tuple(factors.shape)}")
             self.inv_freq64 = self.inv_freq64 / factors
         self._cos = self._sin = None  # cached fp32 tables (P, D) on the last device used
-        self._last: tuple | None = None  # (positions tensor, device, cos, sin): layers sharing one call
+        self._last: tuple | None = None  # (positions tensor, device, cos, signed sin): layers sharing one call
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, theta={self.theta}, scaling={self.scaling}"
@@ -105,8 +105,8 @@ class RoPE(nn.Module):
         ang = torch.cat((ang, ang), dim=-1)  # (…, D): the same angle for x[i] and x[i + D/2]
         return ang.cos().float().to(device), ang.sin().float().to(device)
 
-    def cos_sin(self, positions: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin for positions (T,) -> (T, D) or (B, T) -> (B, 1, T, D), float32.
+    def rotation(self, positions: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin (-sin₁, sin₂) for positions (T,) -> (T, D) or (B, T) -> (B, 1, T, D), float32.
 
         The model passes one positions tensor to all its layers; the result for that same tensor object
         is reused, so a 30-layer forward looks the tables up once, not 30 times.
@@ -120,13 +120,13 @@ class RoPE(nn.Module):
         else:
             cos, sin = self.angles(positions, device)  # (B, T, D)
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, D)
-        self._last = (positions, device, cos, sin, _signed_sin(sin))
-        return cos, sin
+        signed_sin = _signed_sin(sin)
+        self._last = (positions, device, cos, signed_sin)
+        return cos, signed_sin
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Rotate x (B, H, T, D) at positions (T,) or (B, T); math in fp32, result in x's dtype."""
-        cos, _ = self.cos_sin(positions, x.device)
-        signed_sin = self._last[4]
+        cos, signed_sin = self.rotation(positions, x.device)
         xf = x.float()
         # rotate_half(x) · sin == roll(x, D/2) · (-sin₁, sin₂), exactly (negation is exact): 2 kernels fewer
         return (xf * cos + torch.roll(xf, self.dim // 2, -1) * signed_sin).to(x.dtype)

@@ -212,9 +212,12 @@ class RunLock:
             return None
 
     def _owner_alive(self) -> bool:
+        """Whether the pid in the lock file is a live process (ours too: a second lock in one process)."""
         pid = self._owner()
-        if pid is None or pid == os.getpid():
-            return pid == os.getpid()
+        if pid is None:
+            return False  # empty or garbled: a writer killed between create and write
+        if pid == os.getpid():
+            return True
         try:
             os.kill(pid, 0)
         except ProcessLookupError:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
@@ -62,8 +63,6 @@ class Seq2SeqJob:
         return [*model.encoder, *model.decoder]
 
     def spec(self) -> dict:
-        from dataclasses import asdict
-
         return {"kind": self.kind, "model": asdict(self.model_config), "chars": self.vocab.chars}
 
     def batch(self, micro_step: int) -> Seq2SeqBatch:

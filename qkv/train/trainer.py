@@ -76,7 +76,6 @@ class Trainer:
         self.ckpt_root = self.out / "checkpoints"
         self.progress = sys.stderr.isatty() if progress is None else progress
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-        self.history: list[dict] = []
 
     # -- set-up --
 
@@ -205,7 +204,6 @@ class Trainer:
             done = step + 1
             rate = seen / max(1e-9, time.perf_counter() - t0)
             record = {"step": done, "loss": loss, "lr": lr_at(step, cfg), "grad_norm": float(norm), "tokens_per_s": rate}
-            self.history.append(record)
             if d.is_main and (done % cfg.log_every == 0 or done == cfg.max_steps):
                 self._metric(record)
             self._show(d, done, loss, rate, time.perf_counter() - t0, start)

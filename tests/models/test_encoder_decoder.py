@@ -119,13 +119,19 @@ def _full_logp(model, src, src_mask, row: int, seq: list[int]) -> torch.Tensor:
     return logits[0, -1].float().log_softmax(-1)
 
 
+def _search(seed: int, tgt_vocab: int, *, max_new: int, k: int, alpha: float):
+    """The seeded model and batch, and its beam-search and greedy outputs: (model, src, src_mask, beam, greedy)."""
+    model = _beam_model(seed, tgt_vocab)
+    src, src_mask = _batch(seed)
+    beam = model.beam_search(src, bos=BOS, eos=EOS, max_new_tokens=max_new, beam_size=k, length_penalty=alpha,
+                             src_mask=src_mask)
+    greedy = model.greedy(src, bos=BOS, eos=EOS, max_new_tokens=max_new, src_mask=src_mask)
+    return model, src, src_mask, beam, greedy
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_beam_size_one_is_greedy(seed):
-    model = _beam_model(seed, tgt_vocab=8)
-    src, src_mask = _batch(seed)
-    greedy = model.greedy(src, bos=BOS, eos=EOS, max_new_tokens=8, src_mask=src_mask)
-    beam = model.beam_search(src, bos=BOS, eos=EOS, max_new_tokens=8, beam_size=1, length_penalty=0.0,
-                             src_mask=src_mask)
+    *_, beam, greedy = _search(seed, 8, max_new=8, k=1, alpha=0.0)
     assert beam == greedy
 
 
@@ -136,11 +142,7 @@ def test_wide_beam_is_exhaustive_search(length_penalty):
     full recompute — which it cannot if a beam ever reads another beam's self-attention cache."""
     differs_from_greedy = False
     for seed in range(4):
-        model = _beam_model(seed, tgt_vocab=4)
-        src, src_mask = _batch(seed)
-        beam = model.beam_search(src, bos=BOS, eos=EOS, max_new_tokens=3, beam_size=40,
-                                 length_penalty=length_penalty, src_mask=src_mask)
-        greedy = model.greedy(src, bos=BOS, eos=EOS, max_new_tokens=3, src_mask=src_mask)
+        model, src, src_mask, beam, greedy = _search(seed, 4, max_new=3, k=40, alpha=length_penalty)
         bodies = [[]] + [[a] for a in (0, 2, 3)] + [[a, b] for a in (0, 2, 3) for b in (0, 2, 3)]
         for row in range(3):
             def score(body):  # one uncached forward pass over bos + body scores every token of body + eos
@@ -178,13 +180,9 @@ def _uncached_beam(model, src, src_mask, row, *, max_new, k, alpha) -> list[int]
 def test_cached_beam_equals_uncached(length_penalty):
     differs_from_greedy = False
     for seed in range(3):
-        model = _beam_model(seed, tgt_vocab=10)
-        src, src_mask = _batch(seed)
-        beam = model.beam_search(src, bos=BOS, eos=EOS, max_new_tokens=6, beam_size=3,
-                                 length_penalty=length_penalty, src_mask=src_mask)
+        model, src, src_mask, beam, greedy = _search(seed, 10, max_new=6, k=3, alpha=length_penalty)
         slow = [_uncached_beam(model, src, src_mask, r, max_new=6, k=3, alpha=length_penalty) for r in range(3)]
         assert beam == slow, seed
-        greedy = model.greedy(src, bos=BOS, eos=EOS, max_new_tokens=6, src_mask=src_mask)
         differs_from_greedy |= beam != greedy
     assert differs_from_greedy
 
@@ -193,10 +191,7 @@ def test_stopping_bound_looks_ahead_to_max_new_tokens():
     """With length_penalty > 0 a longer hypothesis divides by more, so its normalised score can still rise: a full
     pool closes a row only if the best live sum / max_new_tokens**α cannot beat its worst. On this model, stopping
     at the current length instead (the usual heuristic) returns the empty hypothesis for row 0."""
-    model = _beam_model(6, tgt_vocab=10)
-    src, src_mask = _batch(6)
-    beam = model.beam_search(src, bos=BOS, eos=EOS, max_new_tokens=20, beam_size=1, length_penalty=2.0,
-                             src_mask=src_mask)
+    model, src, src_mask, beam, _ = _search(6, 10, max_new=20, k=1, alpha=2.0)
     assert beam == [_uncached_beam(model, src, src_mask, r, max_new=20, k=1, alpha=2.0) for r in range(3)]
     assert beam[0] != []
 
