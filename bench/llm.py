@@ -10,6 +10,10 @@ of 3 runs), and the process's peak RSS. This 2-core machine is noisy from run to
 single timings), hence the medians and ``--rounds``: the whole set of engines is run that many times,
 interleaved, and each figure is the median over rounds. qkv runs twice: dtype="auto" (float32 weights + int4/float16 copies for
 one-token steps) and dtype="float32" (exact weights only).
+
+Then, because prefill is a near-tie that this noise would otherwise decide, one more process loads qkv
+(both dtypes) and transformers together and times their prefills in turn, ``--paired-reps`` times: the
+per-repetition ratios compare neighbours in time (see ``paired_prefill``).
 """
 
 from __future__ import annotations
@@ -143,13 +147,65 @@ def measure(load_s, tok, prefill, decode) -> dict:
 
 
 ENGINES = ["qkv-auto", "qkv-float32", "transformers", "llama.cpp"]
+PAIRED = ["qkv-auto", "qkv-float32", "transformers"]
 
 
-def worker(engine: str, threads: int, new_tokens: int) -> None:
+def paired_prefill(engines: list[str], reps: int) -> dict:
+    """Prefill timings with every engine loaded in one process, taking turns on each repetition.
+
+    Separate processes measured minutes apart see this shared 2-core machine at different speeds (±20 %
+    between runs); here each repetition times every engine back to back on the same prompt, so a ratio
+    is taken between neighbours in time. Returns, per engine and prompt length, the median time and the
+    per-repetition ratios (transformers' time / the engine's time) as median, lowest quartile and highest.
+    """
+    import torch
+
+    prefills, toks = {}, {}
+    for engine in engines:
+        if engine.startswith("qkv-"):
+            import qkv
+
+            m = qkv.load("smollm2", dtype=engine.split("-", 1)[1], device="cpu")
+            prefills[engine] = lambda ids, m=m: m.model(torch.tensor([ids]), last_only=True)
+            toks[engine] = m.tokenizer.encode
+        else:
+            from transformers import AutoModelForCausalLM
+
+            from qkv.weights.embedded import embedded_path
+
+            path = embedded_path("smollm2")
+            hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
+                                                      attn_implementation="sdpa").eval()
+            prefills[engine] = lambda ids, hf=hf: hf(torch.tensor([ids]), use_cache=False, logits_to_keep=1)
+    tok = next(iter(toks.values()))  # the same GGUF vocabulary for every engine
+    out = {}
+    with torch.inference_mode():
+        for n in (128, 512):
+            ids = prompt_ids(tok, n)
+            times = {e: [] for e in engines}
+            for rep in range(reps + 1):
+                for e in engines:
+                    t0 = time.perf_counter()
+                    prefills[e](ids)
+                    if rep:  # the first round warms up
+                        times[e].append(time.perf_counter() - t0)
+            for e in engines:
+                r = {"ms": statistics.median(times[e]) * 1e3}
+                if "transformers" in times and e != "transformers":
+                    ratios = sorted(b / a for a, b in zip(times[e], times["transformers"]))
+                    q = statistics.quantiles(ratios, n=4)
+                    r.update(ratio=statistics.median(ratios), q1=q[0], q3=q[2], lo=ratios[0], hi=ratios[-1])
+                out[f"{e}/{n}"] = r
+    return out
+
+
+def worker(engine: str, threads: int, new_tokens: int, reps: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    if engine.startswith("qkv-"):
+    if engine.startswith("paired:"):
+        res = paired_prefill(engine.split(":", 1)[1].split(","), reps)
+    elif engine.startswith("qkv-"):
         res = run_qkv(engine.split("-", 1)[1], new_tokens)
     elif engine == "transformers":
         res = run_transformers(new_tokens)
@@ -164,25 +220,35 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--engines", nargs="+", default=ENGINES, choices=ENGINES)
     ap.add_argument("--rounds", type=int, default=2, help="run every engine this many times, interleaved")
+    ap.add_argument("--paired-reps", type=int, default=15,
+                    help="repetitions of the paired prefill comparison (0 skips it)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        worker(args.worker, args.threads, args.new_tokens)
+        worker(args.worker, args.threads, args.new_tokens, args.paired_reps)
         return
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", OMP_NUM_THREADS=str(args.threads))
     runs: dict[str, list[dict]] = {e: [] for e in args.engines}
+
+    def run_worker(engine: str) -> dict:
+        cmd = [sys.executable, __file__, "--worker", engine, "--threads", str(args.threads),
+               "--new-tokens", str(args.new_tokens), "--paired-reps", str(args.paired_reps)]
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if r.returncode != 0:
+            return {"skipped": (r.stderr.strip().splitlines() or ["?"])[-1][:120]}
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
     for _ in range(args.rounds):
         for engine in args.engines:
-            cmd = [sys.executable, __file__, "--worker", engine, "--threads", str(args.threads),
-                   "--new-tokens", str(args.new_tokens)]
-            r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            if r.returncode != 0:
-                last = (r.stderr.strip().splitlines() or ["?"])[-1]
-                runs[engine].append({"skipped": last[:120]})
-            else:
-                runs[engine].append(json.loads(r.stdout.strip().splitlines()[-1]))
+            runs[engine].append(run_worker(engine))
             print(engine, runs[engine][-1], file=sys.stderr, flush=True)
     print_table({e: _median(rs) for e, rs in runs.items()}, args)
+    paired = [e for e in args.engines if e in PAIRED]
+    if args.paired_reps > 0 and "transformers" in paired and len(paired) > 1:
+        res = run_worker("paired:" + ",".join(paired))
+        print(res if "skipped" in res else "", file=sys.stderr, flush=True)
+        if "skipped" not in res:
+            print_paired(res, paired, args)
 
 
 def _median(rs: list[dict]) -> dict:
@@ -214,6 +280,21 @@ def print_table(results: dict, args) -> None:
             cells.append(cell)
         print(f"| {engine} | " + " | ".join(cells) + " |")
     print("\n(ratios vs transformers: speed / speed; for load, transformers' time / this time — higher is better)")
+
+
+def print_paired(res: dict, engines: list[str], args) -> None:
+    print(f"\nPaired prefill: all engines in one process, taking turns, {args.paired_reps} repetitions; "
+          "speed-up = transformers' time / the engine's time per repetition: median [quartiles] (lowest–highest)\n")
+    print("| engine | prefill 128 (ms) | speed-up at 128 | prefill 512 (ms) | speed-up at 512 |")
+    print("|---|---|---|---|---|")
+    for e in engines:
+        cells = []
+        for n in (128, 512):
+            r = res[f"{e}/{n}"]
+            cells.append(f"{r['ms']:.0f}")
+            cells.append(f"{r['ratio']:.3f}x [{r['q1']:.3f}–{r['q3']:.3f}] ({r['lo']:.2f}–{r['hi']:.2f})"
+                         if "ratio" in r else "—")
+        print(f"| {e} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
