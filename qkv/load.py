@@ -222,29 +222,33 @@ def _load_run_dir(name: str, path: Path, dtype: torch.dtype) -> Loaded:
     import json
 
     from .models.encoder_decoder import EncoderDecoder, Seq2SeqConfig, sinusoidal_positions
-    from .train.checkpoint import decode_checkpoint, newest_valid
+    from .train.checkpoint import decode_checkpoint, newest_payload
     from .train.tasks import CharVocab
 
+    where = path / "run.json"
     try:
-        spec = json.loads((path / "run.json").read_text(encoding="utf-8"))["spec"]
-        kind = spec["kind"]
+        spec = json.loads(where.read_text(encoding="utf-8"))["spec"]
+        kind, model_spec = spec["kind"], dict(spec["model"])
+        if kind == "seq2seq":  # a config or vocabulary that does not fit the fields is a damaged file too
+            cfg, vocab = Seq2SeqConfig(**model_spec), CharVocab(spec["chars"])
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ModelFormatError(f"{path / 'run.json'}: unreadable training run ({e.__class__.__name__})") from None
-    ckpt, skipped = newest_valid(path / "checkpoints")
+        raise ModelFormatError(f"{where}: unreadable training run ({e.__class__.__name__}: {e})") from None
+    if kind not in ("seq2seq", "lm"):
+        raise ModelFormatError(f"{where}: unknown kind of run {kind!r} (expected seq2seq or lm)")
+    ckpt, payload, skipped = newest_payload(path / "checkpoints")
     if ckpt is None:
         why = f" ({skipped[0]})" if skipped else ""
         raise ModelFormatError(f"{path}: the training run has no valid checkpoint yet{why}; train it first")
-    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in decode_checkpoint(ckpt)[0].items()}
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in decode_checkpoint(ckpt, payload)[0].items()}
     info = {"checkpoint": ckpt.name}
     if kind == "seq2seq":
-        cfg = Seq2SeqConfig(**spec["model"])
         with torch.device("meta"):
             model = EncoderDecoder(cfg)
         check_state(model, state, source=str(ckpt))
         model.load_state_dict(state, strict=False, assign=True)
         model.positions = sinusoidal_positions(cfg.max_len, cfg.d_model).to(dtype)  # non-persistent, off meta
-        return Loaded(model, CharVocab(spec["chars"]), None, cfg, name, path, "qkv-run", info)
-    cfg = LlamaConfig.from_dict({"name": name, **spec["model"]}, where=str(path / "run.json"))
+        return Loaded(model, vocab, None, cfg, name, path, "qkv-run", info)
+    cfg = LlamaConfig.from_dict({"name": name, **model_spec}, where=str(where))
     tokenizer = Tokenizer.from_hf_dir(path)
     _check_vocab(tokenizer, cfg, str(path))
     model = build_llama(cfg, state, source=str(ckpt))

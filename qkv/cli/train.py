@@ -9,37 +9,39 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-# flag -> (type, help); every TrainConfig field gets a flag, these add help and types
+# every TrainConfig field gets a flag (its type from the annotation); these add help (--task's comes from the tasks)
 _HELP = {
-    "task": (str, "date | reverse | sort (encoder–decoder) or text (decoder LM on --data)"),
-    "data": (str, "text task: a UTF-8 text file to train on"),
-    "out": (str, "run directory: checkpoints, metrics.jsonl, run.json"),
-    "init": (str, "text task: fine-tune this model (smollm2, a .gguf, an HF dir) instead of training from scratch"),
-    "tokenizer": (str, "text task from scratch: 'bytes' (default) or a model whose tokenizer to use"),
-    "max_steps": (int, "optimizer steps in all"),
-    "batch_size": (int, "global sequences per micro-step (all processes together)"),
-    "grad_accum": (int, "micro-steps per optimizer step"),
-    "precision": (str, "fp32 or bf16 (autocast)"),
-    "nan_policy": (str, "when the loss is not finite: stop, or skip the step"),
-    "device": (str, "cpu, cuda or auto"),
-    "distributed": (str, "under torchrun: ddp or fsdp (FSDP2)"),
+    "data": "text task: a UTF-8 text file to train on",
+    "out": "run directory: checkpoints, metrics.jsonl, run.json",
+    "init": "text task: fine-tune this model (smollm2, a .gguf, an HF dir) instead of training from scratch",
+    "tokenizer": "text task from scratch: 'bytes' (default) or a model whose tokenizer to use",
+    "max_steps": "optimizer steps in all",
+    "batch_size": "global sequences per micro-step (all processes together)",
+    "grad_accum": "micro-steps per optimizer step",
+    "precision": "fp32 or bf16 (autocast)",
+    "nan_policy": "when the loss is not finite: stop, or skip the step",
+    "device": "cpu, cuda or auto",
+    "distributed": "under torchrun: ddp or fsdp (FSDP2)",
 }
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..train.config import TrainConfig
+    from ..train.tasks import TASKS
+
+    helps = {**_HELP, "task": "; ".join(f"{name}: {t.description}" for name, t in TASKS.items())
+             + "; text: a decoder LM on --data"}
 
     p.add_argument("--config", metavar="FILE", help="settings file (.toml or .json); flags override it")
     p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
     p.add_argument("--quiet", action="store_true", help="no progress lines (evaluations are still shown)")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        kind, help_text = _HELP.get(f.name, (None, None))
+        help_text = helps.get(f.name)
         if f.type in ("bool", bool):
             p.add_argument(flag, dest=f.name, type=_bool, default=None, metavar="true|false", help=help_text)
             continue
-        kind = kind or _field_type(f)
-        p.add_argument(flag, dest=f.name, type=kind, default=None, help=help_text or f"(default {f.default})")
+        p.add_argument(flag, dest=f.name, type=_field_type(f), default=None, help=help_text or f"(default {f.default})")
 
 
 def _field_type(f: dataclasses.Field):

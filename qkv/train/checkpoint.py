@@ -159,19 +159,26 @@ def verify(path: str | Path) -> dict[str, bytes]:
 
 def newest_valid(root: str | Path) -> tuple[Path | None, list[str]]:
     """The newest checkpoint that verifies, and why each newer one was skipped."""
+    path, _, skipped = newest_payload(root)
+    return path, skipped
+
+
+def newest_payload(root: str | Path) -> tuple[Path | None, dict[str, bytes] | None, list[str]]:
+    """:func:`newest_valid` with the verified payload, for :func:`decode_checkpoint` (read and hashed once)."""
     skipped = []
     for _, path in reversed(list_checkpoints(root)):
         try:
-            verify(path)
-            return path, skipped
+            return path, verify(path), skipped
         except CheckpointError as e:
             skipped.append(str(e))
-    return None, skipped
+    return None, None, skipped
 
 
-def decode_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
-    """(model tensors, optimizer tensors, state) of a verified checkpoint."""
-    payload = verify(path)
+def decode_checkpoint(path: str | Path, payload: dict[str, bytes] | None = None
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
+    """(model tensors, optimizer tensors, state) of checkpoint ``path``, verified here unless ``payload`` is
+    the one :func:`verify` already returned for it."""
+    payload = verify(path) if payload is None else payload
     try:
         model = safetensors.torch.load(payload["model.safetensors"])
         optim = safetensors.torch.load(payload["optimizer.safetensors"])
@@ -200,6 +207,9 @@ class RunLock:
                                           f"(pid {self._owner()}); use another --out or stop it") from None
                 self.path.unlink(missing_ok=True)
                 continue
+            except OSError as e:
+                raise CheckpointError(f"cannot write in {self.path.parent} ({e.strerror}); choose a writable --out") \
+                    from None
             with os.fdopen(fd, "w") as f:
                 f.write(str(os.getpid()))
             return self

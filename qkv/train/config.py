@@ -9,9 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError
+from .tasks import TASKS
 
-TASK_NAMES = ("date", "reverse", "sort", "text")
-MAX_TASK_LEN = 120  # reverse/sort strings: + <eos>/<bos> and decoding slack within 128 sinusoidal positions
+TASK_NAMES = (*TASKS, "text")
+SEQ2SEQ_POSITIONS = 128  # the encoder–decoder's sinusoidal table: every built-in task's strings are shorter
+MAX_TASK_LEN = SEQ2SEQ_POSITIONS - 8  # reverse/sort strings: + <eos>/<bos> and decoding slack
 # Fields that decide the model and the data: a resumed run must agree on them (RELIABILITY C7).
 IDENTITY_FIELDS = ("task", "data", "init", "tokenizer", "seed", "max_len", "n_train", "n_val", "n_test",
                    "block_size", "d_model", "n_heads", "n_kv_heads", "n_layers", "d_ff", "dropout",
@@ -91,7 +93,7 @@ class TrainConfig:
         if self.seed >= 2**32:
             raise ConfigError(f"seed must be below 2^32, got {self.seed}")
         if self.task in ("reverse", "sort") and self.max_len > MAX_TASK_LEN:
-            raise ConfigError(f"max_len {self.max_len} is too long for the encoder–decoder's {MAX_TASK_LEN + 8} "
+            raise ConfigError(f"max_len {self.max_len} is too long for the encoder–decoder's {SEQ2SEQ_POSITIONS} "
                               f"positions; use --max-len {MAX_TASK_LEN} or less")
         for name in ("task", "out", "tokenizer", "precision", "nan_policy", "device", "distributed"):
             if not isinstance(getattr(self, name), str):
@@ -148,7 +150,10 @@ def read_config_file(path: str | Path) -> dict:
         raise ConfigError(f"--config {p}: not valid {'TOML' if p.suffix.lower() == '.toml' else 'JSON'}: {e}") from None
     if not isinstance(d, dict):
         raise ConfigError(f"--config {p}: the top level must be a table/object of settings")
-    return d.get("train", d)
+    settings = d.get("train", d)
+    if not isinstance(settings, dict):
+        raise ConfigError(f"--config {p}: [train] must be a table/object of settings, got {type(settings).__name__}")
+    return settings
 
 
 def mismatches(saved: dict, current: TrainConfig) -> list[str]:

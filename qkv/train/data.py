@@ -17,8 +17,10 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ConfigError, InputError
+from ..errors import InputError
 from .tasks import BOS, EOS, PAD, CharVocab
+
+VAL_FRACTION = 0.1  # the held-out tail of a text file
 
 
 def _generator(*parts: int) -> torch.Generator:
@@ -100,20 +102,20 @@ def read_text(path: str | Path) -> str:
     except UnicodeDecodeError as e:
         raise InputError(f"--data {p}: not UTF-8 (byte {e.start} is {e.object[e.start]:#04x}); "
                          "convert the file to UTF-8") from None
+    except OSError as e:
+        raise InputError(f"--data {p}: cannot read it ({e.strerror})") from None
 
 
 @dataclass(frozen=True)
 class TextData:
-    """A token stream cut into a training part and a held-out tail (the last ``val_fraction``)."""
+    """A token stream cut into a training part and a held-out tail (the last ``VAL_FRACTION``)."""
 
     train: torch.Tensor  # (N,) ids
     val: torch.Tensor  # (M,) ids
 
     @classmethod
-    def from_ids(cls, ids: list[int], *, block_size: int, val_fraction: float = 0.1, source: str = "text"):
-        if not 0 < val_fraction < 1:
-            raise ConfigError(f"val_fraction must be in (0, 1), got {val_fraction}")
-        n_val = max(block_size + 1, int(len(ids) * val_fraction))
+    def from_ids(cls, ids: list[int], *, block_size: int, source: str = "text"):
+        n_val = max(block_size + 1, int(len(ids) * VAL_FRACTION))
         if len(ids) < n_val + block_size + 1:
             raise InputError(f"{source}: {len(ids)} tokens are too few for block_size {block_size} "
                              f"(need at least {n_val + block_size + 1}); give more text or a smaller --block-size")

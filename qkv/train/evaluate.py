@@ -21,10 +21,10 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", limit: int | None 
         cfg = TrainConfig.from_dict(run["config"], where=str(run_dir / "run.json"))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{run_dir}: not a qkv training run (run.json: {e.__class__.__name__})") from None
-    loaded = load(run_dir, dtype="float32", device="cpu")
     if cfg.task == "text" and (beam_size != 1 or split != "test"):
         raise InputError(f"{run_dir} is a text run: it has one held-out part and no decoding to search "
                          "(--beam and --split are for the seq2seq tasks)")
+    loaded = load(run_dir, dtype="float32", device="cpu")
     if cfg.task == "text":
         job = LMJob(cfg, model_config=loaded.config, tokenizer=loaded.tokenizer)
         result = job.evaluate(loaded.model, limit=limit)

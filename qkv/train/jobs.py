@@ -5,8 +5,8 @@ Legend: B batch, S source length, T target length, V vocabulary.
 ``Seq2SeqJob``: the 2017 encoder–decoder on a built-in task (date, reverse, sort); evaluated by exact
 match of greedy decodes. ``LMJob``: a Llama-style decoder on a text file, from scratch (byte-level or a
 model's tokenizer) or fine-tuning a loaded model; evaluated by held-out loss and perplexity.
-Both describe themselves as a JSON-ready ``spec`` that :func:`job_from_spec` turns back into the same
-model — that is how ``qkv.load(run_dir)`` and ``qkv eval`` rebuild a trained model.
+Both describe themselves as a JSON-ready ``spec`` (run.json) from which ``qkv.load(run_dir)`` rebuilds the
+same model — which is also how ``qkv eval`` and ``qkv explain --model RUN`` get it.
 """
 
 from __future__ import annotations
@@ -24,11 +24,10 @@ from ..errors import ConfigError
 from ..models.encoder_decoder import EncoderDecoder, Seq2SeqConfig
 from ..models.llama import LlamaForCausalLM
 from ..text.tokenizer import Tokenizer
-from .config import TrainConfig
+from .config import SEQ2SEQ_POSITIONS, TrainConfig
 from .data import Seq2SeqBatch, TextData, collate, read_text, seq2seq_batch, text_batch, text_eval_batches
 from .tasks import BOS, EOS, PAD, CharVocab, make_task
 
-SEQ2SEQ_MAX_LEN = 128  # positions of the sinusoidal table: every built-in task's strings are shorter
 
 
 def init_weights(model: nn.Module, std: float = 0.02) -> None:
@@ -51,7 +50,7 @@ class Seq2SeqJob:
         v = self.vocab.size
         self.model_config = Seq2SeqConfig(v, v, d_model=cfg.d_model, n_heads=cfg.n_heads, n_encoder_layers=cfg.n_layers,
                                           n_decoder_layers=cfg.n_layers, d_ff=cfg.d_ff, dropout=cfg.dropout,
-                                          max_len=SEQ2SEQ_MAX_LEN, norm_first=cfg.norm_first)
+                                          max_len=SEQ2SEQ_POSITIONS, norm_first=cfg.norm_first)
 
     def build(self) -> EncoderDecoder:
         model = EncoderDecoder(self.model_config)

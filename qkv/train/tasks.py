@@ -39,6 +39,8 @@ class CharVocab:
     def __post_init__(self):
         if len(set(self.chars)) != len(self.chars):
             raise ConfigError("CharVocab: characters must be unique")
+        # char -> id, built once: encode runs for every example of every batch (frozen: set it directly)
+        object.__setattr__(self, "_index", {c: i + len(SPECIALS) for i, c in enumerate(self.chars)})
 
     @property
     def size(self) -> int:
@@ -48,7 +50,7 @@ class CharVocab:
     pad_id, bos_id, eos_id = PAD, BOS, EOS
 
     def encode(self, text: str) -> list[int]:
-        index = {c: i + len(SPECIALS) for i, c in enumerate(self.chars)}
+        index = self._index
         bad = sorted({c for c in text if c not in index})
         if bad:
             raise InputError(f"characters {''.join(bad)!r} are not in this task's alphabet {self.chars!r}")
@@ -92,17 +94,16 @@ def _sort_example(rng: random.Random, max_len: int) -> tuple[str, str, str]:
 
 @dataclass(frozen=True)
 class TaskSpec:
-    name: str
     alphabet: str
     make: Callable[[random.Random, int], tuple[str, str, str]]
     description: str
 
 
 TASKS: dict[str, TaskSpec] = {
-    "date": TaskSpec("date", "".join(sorted(set(string.digits + " ,/.-" + "".join(_MONTHS)))), _date_example,
+    "date": TaskSpec("".join(sorted(set(string.digits + " ,/.-" + "".join(_MONTHS)))), _date_example,
                      "normalise a date written six ways to YYYY-MM-DD"),
-    "reverse": TaskSpec("reverse", string.ascii_lowercase, _reverse_example, "reverse a string of letters"),
-    "sort": TaskSpec("sort", string.ascii_lowercase, _sort_example, "sort the letters of a string"),
+    "reverse": TaskSpec(string.ascii_lowercase, _reverse_example, "reverse a string of letters"),
+    "sort": TaskSpec(string.ascii_lowercase, _sort_example, "sort the letters of a string"),
 }
 
 
@@ -116,7 +117,6 @@ def split_of(key: str) -> str:
 class Seq2SeqData:
     """The three splits of one task: lists of (source, target) strings, and the vocabulary."""
 
-    task: str
     vocab: CharVocab
     train: list[tuple[str, str]]
     val: list[tuple[str, str]]
@@ -148,7 +148,7 @@ def make_task(name: str, *, seed: int = 0, n_train: int = 20000, n_val: int = 50
         seen.add(src)
         out[split].append((src, tgt))
         if all(len(out[s]) >= want[s] for s in SPLITS):
-            return Seq2SeqData(name, CharVocab(spec.alphabet), out["train"], out["val"], out["test"])
+            return Seq2SeqData(CharVocab(spec.alphabet), out["train"], out["val"], out["test"])
     short = ", ".join(f"{s} {len(out[s])}/{want[s]}" for s in SPLITS)
     raise ConfigError(f"task {name!r} with max_len={max_len} has too few distinct examples ({short}); "
                       "ask for fewer examples or a larger max_len")

@@ -76,6 +76,7 @@ class Trainer:
         self.ckpt_root = self.out / "checkpoints"
         self.progress = sys.stderr.isatty() if progress is None else progress
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self._verified: dict[str, bytes] | None = None  # the resume checkpoint's payload, once rank 0 verified it
 
     # -- set-up --
 
@@ -104,7 +105,8 @@ class Trainer:
         start, state = self._agreed_start(d), None
         model = self.job.build()
         if start:
-            weights, opt_tensors, state = ckpt.decode_checkpoint(ckpt.step_dir(self.ckpt_root, start))
+            payload, self._verified = self._verified, None  # rank 0 verified it when opening the run
+            weights, opt_tensors, state = ckpt.decode_checkpoint(ckpt.step_dir(self.ckpt_root, start), payload)
             self._load_weights(model, weights)
         model = D.wrap(model.to(d.device), d, self.job.blocks(model))
         opt = make_optimizer(model, self.cfg)
@@ -118,7 +120,7 @@ class Trainer:
         run_json = self.out / "run.json"
         for leftover in ckpt.clean_temporaries(self.ckpt_root):
             self.log(f"removed {leftover.name}: an interrupted checkpoint write")
-        path, skipped = ckpt.newest_valid(self.ckpt_root)
+        path, payload, skipped = ckpt.newest_payload(self.ckpt_root)
         if run_json.exists() and path is not None:  # settings bind once something was trained with them
             diff = mismatches(_read_run_json(run_json).get("config", {}), self.cfg)
             if diff:
@@ -132,12 +134,13 @@ class Trainer:
         if self.resume and path is None:
             self.log(f"no valid checkpoint in {self.ckpt_root}: starting from step 0")
         if path is not None:  # the checkpoint's own record too, in case run.json was lost or replaced
-            diff = mismatches(json.loads((path / "state.json").read_text(encoding="utf-8")).get("config", {}), self.cfg)
+            diff = mismatches(json.loads(payload["state.json"]).get("config", {}), self.cfg)
             if diff:
                 raise CheckpointError(f"{path}: this checkpoint was made with other settings ({'; '.join(diff)}); "
                                       "use another --out or the same settings")
         write_text(run_json, json.dumps(spec, indent=1))
         self._write_tokenizer()
+        self._verified = payload
         start = int(path.name.split("-")[1]) if path is not None else 0
         self._truncate_metrics(start)
         return start
@@ -166,16 +169,10 @@ class Trainer:
         return int(box[0])
 
     def _load_weights(self, model: torch.nn.Module, weights: dict) -> None:
-        expected = set(model.state_dict())
-        if getattr(model.config, "tie_word_embeddings", False):
-            expected.discard("lm_head.weight")
-        if set(weights) != expected:
-            raise CheckpointError(f"{self.ckpt_root}: the checkpoint's tensors do not fit the model "
-                                  f"({len(set(weights) ^ expected)} names differ)")
-        try:
-            model.load_state_dict(weights, strict=False)
-        except RuntimeError as e:
-            raise CheckpointError(f"{self.ckpt_root}: the checkpoint does not fit the model: {e}") from None
+        from ..load import check_state
+
+        check_state(model, weights, source=f"{self.ckpt_root}: the checkpoint")  # names and shapes, listed
+        model.load_state_dict(weights, strict=False)
 
     # -- the loop --
 

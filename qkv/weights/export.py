@@ -49,8 +49,9 @@ STALE_HF_FILES = ("model.safetensors.index.json", "chat_template.jinja", "specia
 def _llama_config(model: Any, tokenizer: Any) -> LlamaConfig:
     """The config of a qkv Llama; anything else is refused before a file is touched."""
     if not isinstance(model, LlamaForCausalLM) or not isinstance(getattr(model, "config", None), LlamaConfig):
-        raise ConfigError(f"export writes Llama-architecture decoders (qkv.models.llama.LlamaForCausalLM), got "
-                          f"{type(model).__name__}; fix: pass the .model of a loaded llama model")
+        raise ConfigError(f"export writes Llama-architecture decoders (qkv.models.llama.LlamaForCausalLM), got a "
+                          f"{type(model).__name__}; fix: export a Llama model (a text-task run, a llama GGUF or "
+                          "HF directory, or the .model of one loaded)")
     if not isinstance(tokenizer, Tokenizer):
         raise TokenizerError(f"export needs a qkv.text.Tokenizer, got {type(tokenizer).__name__}; "
                              "fix: pass the .tokenizer of the loaded model")

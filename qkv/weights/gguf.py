@@ -54,12 +54,12 @@ MIN_KV_BYTES = 8 + 1 + 4 + 1  # key length, >= 1 key byte, value type, >= 1 valu
 MIN_TENSOR_INFO_BYTES = 8 + 1 + 4 + 8 + 4 + 8  # name length, >= 1 byte, n_dims, 1 dim, type, offset
 
 # scalar value type id -> (name, struct/numpy format, byte size); 8 is STRING and 9 is ARRAY
-_SCALARS: dict[int, tuple[str, str, int]] = {
+SCALAR_TYPES: dict[int, tuple[str, str, int]] = {
     0: ("UINT8", "<B", 1), 1: ("INT8", "<b", 1), 2: ("UINT16", "<H", 2), 3: ("INT16", "<h", 2),
     4: ("UINT32", "<I", 4), 5: ("INT32", "<i", 4), 6: ("FLOAT32", "<f", 4), 7: ("BOOL", "<B", 1),
     10: ("UINT64", "<Q", 8), 11: ("INT64", "<q", 8), 12: ("FLOAT64", "<d", 8),
 }
-_BOOL, _STRING, _ARRAY = 7, 8, 9
+BOOL_TYPE, STRING_TYPE, ARRAY_TYPE = 7, 8, 9
 
 
 @dataclass(frozen=True)
@@ -169,7 +169,7 @@ def _read_counts(cur: _Cursor) -> tuple[int, int]:
 
 
 def _read_scalar(cur: _Cursor, vtype: int, what: str) -> object:
-    name, fmt, size = _SCALARS[vtype]
+    name, fmt, size = SCALAR_TYPES[vtype]
     at = cur.pos
     v = cur.unpack(fmt, size, what)
     if name == "BOOL":
@@ -183,34 +183,34 @@ def _read_array(cur: _Cursor, what: str) -> tuple[list[object], str]:
     """An array of scalars or strings; arrays of arrays are refused (G5)."""
     at = cur.pos
     itype = cur.u32(f"{what} array item type")
-    if itype == _ARRAY:
+    if itype == ARRAY_TYPE:
         raise cur.fail(what, "array of arrays (nesting deeper than 1) is not supported", at=at)
-    if itype != _STRING and itype not in _SCALARS:
+    if itype != STRING_TYPE and itype not in SCALAR_TYPES:
         raise cur.fail(what, f"unknown array item type {itype}", at=at)
     count = cur.u64(f"{what} array length")
-    type_name, fmt, item = ("STRING", "", 8) if itype == _STRING else _SCALARS[itype]
+    type_name, fmt, item = ("STRING", "", 8) if itype == STRING_TYPE else SCALAR_TYPES[itype]
     # item is a lower bound for a string (its length field), so this is checked before looping
     if count * item > cur.remaining():
         raise cur.fail(what, f"array length {count} needs at least {count * item} bytes but "
                        f"only {cur.remaining()} remain", at=at + 4)
-    if itype == _STRING:
+    if itype == STRING_TYPE:
         values: list[object] = [cur.string(f"{what}[{i}]") for i in range(count)]
     else:
         values = np.frombuffer(cur.buf, dtype=np.dtype(fmt), count=count, offset=cur.pos).tolist()
-        if itype == _BOOL and any(v > 1 for v in values):
+        if itype == BOOL_TYPE and any(v > 1 for v in values):
             raise cur.fail(what, "BOOL array holds a value other than 0 or 1", at=cur.pos)
-        values = [bool(v) for v in values] if itype == _BOOL else values
+        values = [bool(v) for v in values] if itype == BOOL_TYPE else values
         cur.pos += count * item
     return values, f"ARRAY[{type_name}]"
 
 
 def _read_value(cur: _Cursor, vtype: int, what: str, at: int) -> tuple[object, str]:
     """One metadata value and its type name (G4, G7)."""
-    if vtype in _SCALARS:
-        return _read_scalar(cur, vtype, what), _SCALARS[vtype][0]
-    if vtype == _STRING:
+    if vtype in SCALAR_TYPES:
+        return _read_scalar(cur, vtype, what), SCALAR_TYPES[vtype][0]
+    if vtype == STRING_TYPE:
         return cur.string(what), "STRING"
-    if vtype == _ARRAY:
+    if vtype == ARRAY_TYPE:
         return _read_array(cur, what)
     raise cur.fail(what, f"unknown value type {vtype}", at=at)
 

@@ -15,14 +15,15 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
+from .gguf import ARRAY_TYPE, DEFAULT_ALIGNMENT, GGUF_MAGIC, SCALAR_TYPES, STRING_TYPE
+from .quants import GGML_TYPES_BY_NAME
+
 GGUF_VERSION = 3
-ALIGNMENT = 32  # GGUF's default general.alignment, so the key is not written
-# ggml tensor type -> (type id, numpy dtype of the stored little-endian values)
-GGML_TENSOR_TYPES = {"F32": (0, "<f4"), "F16": (1, "<f2")}
-# the metadata value types written here -> (type id, numpy dtype); STRING and ARRAY are written by hand
-GGUF_VALUE_TYPES = {"UINT32": (4, "<u4"), "INT32": (5, "<i4"), "FLOAT32": (6, "<f4"), "BOOL": (7, "<u1"),
-                    "STRING": (8, None), "INT64": (11, "<i8")}
-GGUF_ARRAY = 9
+ALIGNMENT = DEFAULT_ALIGNMENT  # so the general.alignment key is not written
+# the ggml tensor types written here -> (type id, numpy dtype of the stored little-endian values)
+GGML_TENSOR_TYPES = {name: (GGML_TYPES_BY_NAME[name].type_id, dt) for name, dt in (("F32", "<f4"), ("F16", "<f2"))}
+# metadata value type name -> (type id, numpy dtype), from the reader's table; STRING is written by hand
+GGUF_VALUE_TYPES = {**{name: (tid, fmt) for tid, (name, fmt, _) in SCALAR_TYPES.items()}, "STRING": (STRING_TYPE, None)}
 
 
 def _gguf_str(s: str) -> bytes:
@@ -36,7 +37,7 @@ def _gguf_value(vtype: str, v: Any) -> bytes:
         item = vtype[len("ARRAY["):-1]
         tid, np_dtype = GGUF_VALUE_TYPES[item]
         body = b"".join(map(_gguf_str, v)) if item == "STRING" else np.asarray(v, dtype=np_dtype).tobytes()
-        return struct.pack("<IIQ", GGUF_ARRAY, tid, len(v)) + body
+        return struct.pack("<IIQ", ARRAY_TYPE, tid, len(v)) + body
     tid, np_dtype = GGUF_VALUE_TYPES[vtype]
     return struct.pack("<I", tid) + (_gguf_str(v) if vtype == "STRING" else np.asarray(v, dtype=np_dtype).tobytes())
 
@@ -44,7 +45,7 @@ def _gguf_value(vtype: str, v: Any) -> bytes:
 def gguf_header(kvs: list[tuple[str, str, Any]], tensors: list[tuple[str, str, tuple[int, ...]]]) -> bytes:
     """Everything before the data: ``kvs`` as (key, value type, value), ``tensors`` as (name, ggml type,
     torch shape) in the order :func:`write_tensor` will write them; padded so the data starts aligned."""
-    out = [b"GGUF", struct.pack("<IQQ", GGUF_VERSION, len(tensors), len(kvs))]
+    out = [GGUF_MAGIC, struct.pack("<IQQ", GGUF_VERSION, len(tensors), len(kvs))]
     out += [_gguf_str(k) + _gguf_value(vtype, v) for k, vtype, v in kvs]
     offset = 0  # relative to the data section; every tensor starts aligned
     for name, ggml_type, shape in tensors:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import pathlib
+import shutil
 
 import pytest
 
@@ -18,6 +21,14 @@ def cli(capsys, *argv):
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
+
+
+@pytest.fixture(scope="module")
+def reverse_run(tmp_path_factory):
+    """A tiny reversal run, trained once through the CLI, that the tests below only read."""
+    out = tmp_path_factory.mktemp("cli") / "r"
+    assert main(["train", "--task", "reverse", "--out", str(out), *TINY]) == 0
+    return out
 
 
 def test_train_then_eval_with_flags(tmp_path, capsys):
@@ -55,13 +66,12 @@ def test_resume_continues_a_finished_run_to_more_steps(tmp_path, capsys):
     assert code == 0 and "to step 6" in out
 
 
-def test_explain_shows_the_cross_attention_of_a_trained_run(tmp_path, capsys):
-    cli(capsys, "train", "--task", "reverse", "--out", tmp_path / "r", *TINY)
-    code, out, _ = cli(capsys, "explain", "abc", "--model", tmp_path / "r", "--png", tmp_path / "x.png",
+def test_explain_shows_the_cross_attention_of_a_trained_run(reverse_run, tmp_path, capsys):
+    code, out, _ = cli(capsys, "explain", "abc", "--model", reverse_run, "--png", tmp_path / "x.png",
                        "--html", tmp_path / "x.html")
     assert code == 0 and "cross-attention" in out and "rows = output tokens, columns = input tokens" in out
     assert (tmp_path / "x.png").stat().st_size > 1000 and "qkv-data" in (tmp_path / "x.html").read_text()
-    code, out, _ = cli(capsys, "explain", "abc", "--model", tmp_path / "r", "--format", "json", "--layer", "0")
+    code, out, _ = cli(capsys, "explain", "abc", "--model", reverse_run, "--format", "json", "--layer", "0")
     data = json.loads(out)
     assert data["kind"] == "cross" and data["keys"] == ["a", "b", "c", "<eos>"]
     assert all(abs(sum(row) - 1) < 1e-4 for row in data["weights"]) and len(data["weights"]) == len(data["queries"])
@@ -89,7 +99,7 @@ def test_export_a_trained_lm_and_generate_from_it(tmp_path, capsys):
     (["train", "--task", "reverse", "--batch-size", "0"], "batch_size must be a positive integer"),
     (["train", "--config", "missing.toml"], "--config missing.toml"),
     (["eval", "no/such/run"], "not a qkv training run"),
-    (["export", "minilm", "--hf", "x"], ""),
+    (["export", "minilm", "--hf", "x"], "writes Llama-architecture decoders (qkv.models.llama.LlamaForCausalLM), got a BertModel"),
     (["export", "smollm2"], "say where to write"),
     (["train", "--task", "text", "--data", "t.txt", "--init", "minilm"], "BertModel cannot start a decoder LM"),
     (["train", "--task", "text", "--data", "t.txt", "--tokenizer", "minilm"], "cannot start a decoder LM"),
@@ -133,13 +143,12 @@ def test_progress_lines_and_samples(tmp_path, capsys):
     assert code == 0 and json.loads(out)["decoding"] == "beam 2"
 
 
-def test_wrong_uses_of_a_trained_run(tmp_path, capsys):
-    cli(capsys, "train", "--task", "reverse", "--out", tmp_path / "r", *TINY)
-    code, _, err = cli(capsys, "export", tmp_path / "r", "--hf", tmp_path / "hf")
+def test_wrong_uses_of_a_trained_run(reverse_run, tmp_path, capsys):
+    code, _, err = cli(capsys, "export", reverse_run, "--hf", tmp_path / "hf")
     assert code == 2 and "EncoderDecoder" in err and "Llama-architecture" in err
-    code, _, err = cli(capsys, "explain", "abc", "--model", tmp_path / "r", "--no-sink")
+    code, _, err = cli(capsys, "explain", "abc", "--model", reverse_run, "--no-sink")
     assert code == 2 and "no sink" in err
-    code, out, _ = cli(capsys, "explain", "abc", "--model", tmp_path / "r", "--dtype", "bfloat16", "--format", "json")
+    code, out, _ = cli(capsys, "explain", "abc", "--model", reverse_run, "--dtype", "bfloat16", "--format", "json")
     assert code == 0 and json.loads(out)["kind"] == "cross"
     text = tmp_path / "t.txt"
     text.write_text("hello attention world. " * 300, encoding="utf-8")
@@ -157,3 +166,50 @@ def test_settings_bind_only_once_something_was_saved(tmp_path, capsys):
     (tmp_path / "r" / "run.json").write_text(json.dumps({"format": "qkv-run/1", "config": {"task": "sort"}}))
     code, out, err = cli(capsys, "train", "--task", "reverse", "--out", tmp_path / "r", *TINY)
     assert code == 0, err
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda spec: spec["model"].update(colour="red"), "unexpected keyword argument 'colour'"),
+    (lambda spec: spec.pop("chars"), "KeyError: 'chars'"),
+    (lambda spec: spec.update(kind="translation"), "unknown kind of run 'translation'"),
+    (lambda spec: spec["model"].update(d_model="wide"), "d_model must be a positive integer"),
+    (lambda spec: spec.update(model=[1, 2]), "unreadable training run"),
+], ids=["unknown-field", "no-chars", "unknown-kind", "bad-value", "not-a-table"])
+def test_a_damaged_run_json_is_one_line_for_every_reader(reverse_run, tmp_path, capsys, damage, message):
+    run = tmp_path / "r"
+    shutil.copytree(reverse_run, run)
+    data = json.loads((run / "run.json").read_text())
+    damage(data["spec"])
+    (run / "run.json").write_text(json.dumps(data))
+    for argv in (["explain", "abc", "--model", run], ["eval", run], ["generate", "abc", "--model", run]):
+        code, _, err = cli(capsys, *argv)
+        assert code == 2 and err.startswith("qkv: error: ") and err.count("\n") == 1 and message in err, (argv, err)
+
+
+def test_unreadable_inputs_and_outputs_of_train(tmp_path, capsys, monkeypatch):
+    (tmp_path / "cfg.json").write_text(json.dumps({"train": 5}))
+    code, _, err = cli(capsys, "train", "--config", tmp_path / "cfg.json")
+    assert code == 2 and "[train] must be a table" in err and err.count("\n") == 1
+    text = tmp_path / "t.txt"
+    text.write_text("some text to learn from. " * 400, encoding="utf-8")
+    real_read = pathlib.Path.read_text
+
+    def unreadable(self, *a, **k):  # root reads any file, so the refusal is simulated where it happens
+        if self == text:
+            raise PermissionError(13, "Permission denied")
+        return real_read(self, *a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(pathlib.Path, "read_text", unreadable)
+        code, _, err = cli(capsys, "train", "--task", "text", "--data", text, "--out", tmp_path / "o", "--quiet")
+    assert code == 2 and "cannot read it (Permission denied)" in err and err.count("\n") == 1
+    real_open = os.open
+
+    def no_lock(path, *a, **k):
+        if str(path).endswith(".lock"):
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(os, "open", no_lock)
+    code, _, err = cli(capsys, "train", "--task", "reverse", "--out", tmp_path / "locked", *TINY)
+    assert code == 2 and "choose a writable --out" in err and err.count("\n") == 1

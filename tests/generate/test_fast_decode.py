@@ -59,8 +59,7 @@ def test_compact_decode_step_is_bitwise_the_module_path(fast):
     The module path is forced by passing positions explicitly (which the shortcut does not take)."""
     m = fast.model
     assert m._compact_decode(2) and not m._compact_decode(9)  # more rows than small_m: the float32 weights
-    prompts = torch.tensor([fast.tokenizer.encode("Queries meet keys"), fast.tokenizer.encode("Values are mixed!")[:4]])
-    prompts = prompts[:, :4]
+    prompts = torch.tensor([fast.tokenizer.encode(s)[:4] for s in ("Queries meet keys", "Values are mixed!")])  # (2, 4)
     a, b = m.make_cache(2, 16), m.make_cache(2, 16)
     with torch.inference_mode():
         m(prompts, cache=a)

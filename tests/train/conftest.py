@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from qkv.train import TrainConfig
@@ -13,6 +15,12 @@ def tiny(out, **changes) -> TrainConfig:
                 d_ff=64, n_train=200, n_val=20, n_test=20, eval_every=3, save_every=3, eval_size=20, samples=1,
                 log_every=1, warmup_steps=2)
     return TrainConfig(**{**base, **changes})
+
+
+def step_records(out) -> list[dict]:
+    """The training-step lines of a run's metrics.jsonl (those with a loss), in the order written."""
+    lines = (json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip())
+    return [r for r in lines if "loss" in r]
 
 
 @pytest.fixture(scope="session")

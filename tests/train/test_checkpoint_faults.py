@@ -22,18 +22,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from qkv.errors import CheckpointError
+from qkv.errors import CheckpointError, ModelFormatError
 from qkv.train import TrainConfig, Trainer, TrainingError
 from qkv.train import checkpoint as ckpt
 from qkv.train import trainer as trainer_mod
 
+from .conftest import step_records, tiny
+
 
 def config(out, **changes) -> TrainConfig:
-    """A run of about a second: one layer per stack, 32 dimensions, checkpoints at steps 3 and 6."""
-    base = dict(task="reverse", out=str(out), max_steps=6, batch_size=8, d_model=32, n_heads=2, n_layers=1,
-                d_ff=64, n_train=200, n_val=20, n_test=20, eval_every=3, save_every=3, eval_size=20, samples=0,
-                log_every=1, warmup_steps=2)
-    return TrainConfig(**{**base, **changes})
+    """The tiny run of the conftest without sample outputs: checkpoints at steps 3 and 6."""
+    return tiny(out, **{"samples": 0, **changes})
 
 
 def trainer(cfg: TrainConfig, resume: bool = False) -> tuple[Trainer, list[str]]:
@@ -52,8 +51,7 @@ def steps_of(root: Path) -> list[int]:
 
 
 def logged_steps(out: Path) -> list[int]:
-    records = (json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip())
-    return [r["step"] for r in records if "loss" in r]
+    return [r["step"] for r in step_records(out)]
 
 
 def assert_finite(path: Path) -> None:
@@ -301,7 +299,7 @@ def test_unserialisable_values_fail_before_anything_is_written(tmp_path, monkeyp
            (tensors, {}, {1: "a", "b": 2}, "JSON")]
     for model, optim, state, what in bad:
         with pytest.raises(CheckpointError, match=what):
-            ckpt.encode_checkpoint(model, optim, state)
+            ckpt.save_checkpoint(tmp_path / "checkpoints", 1, ckpt.encode_checkpoint(model, optim, state))
     assert seen == [] and list(tmp_path.iterdir()) == []
 
 
@@ -681,11 +679,22 @@ def test_a_renamed_checkpoint_is_not_trusted(tmp_path):
 
 def test_resume_checks_the_checkpoint_settings_even_without_run_json(tmp_path):
     """C7 when run.json is gone: the checkpoint's own state.json still refuses other settings."""
-    cfg = TrainConfig(task="reverse", out=str(tmp_path / "run"), max_steps=3, batch_size=8, d_model=32, n_heads=2,
-                      n_layers=1, d_ff=64, n_train=200, n_val=20, n_test=20, eval_every=3, save_every=3,
-                      eval_size=20, samples=0)
+    cfg = config(tmp_path / "run", max_steps=3)
     Trainer(cfg, progress=False).run()
     (tmp_path / "run" / "run.json").unlink()
     with pytest.raises(CheckpointError, match="d_model: 32 in the run, 64 now"):
         Trainer(cfg.replace(d_model=64, max_steps=6), resume=True, progress=False).run()
     assert not (tmp_path / "run" / "run.json").exists()  # nothing rewritten on the way to the error
+
+
+def test_a_checkpoint_whose_tensors_do_not_fit_the_model_is_refused_by_name(run_dir):
+    """A checkpoint that verifies (its manifest was rewritten to match) but lacks a tensor: resume names it."""
+    root = run_dir / "checkpoints"
+    model, optim, state = ckpt.decode_checkpoint(ckpt.step_dir(root, 6))
+    dropped = sorted(model)[0]
+    del model[dropped]
+    shutil.rmtree(ckpt.step_dir(root, 6))
+    ckpt.save_checkpoint(root, 6, ckpt.encode_checkpoint(model, optim, state))
+    tr, _ = trainer(config(run_dir, max_steps=9, save_every=9, eval_every=9), resume=True)
+    with pytest.raises(ModelFormatError, match=f"missing: {dropped}"):
+        tr.run()

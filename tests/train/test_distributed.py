@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -12,6 +11,8 @@ import pytest
 import torch
 
 from qkv.train.checkpoint import decode_checkpoint
+
+from .conftest import step_records
 
 ARGS = ["train", "--task", "reverse", "--max-steps", "8", "--batch-size", "16", "--d-model", "32", "--n-heads", "2",
         "--n-layers", "1", "--d-ff", "64", "--n-train", "400", "--n-val", "20", "--n-test", "20", "--eval-every", "4",
@@ -37,8 +38,7 @@ def run(out, *extra, procs: int = 1) -> subprocess.CompletedProcess:
 
 
 def curve(out) -> list[float]:
-    lines = (json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines())
-    return [r["loss"] for r in lines if "loss" in r]
+    return [r["loss"] for r in step_records(out)]
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,7 @@ from qkv.nn.rope import Llama3Scaling
 from qkv.text.tokenizer import Tokenizer
 from qkv.weights.embedded import embedded_path
 from qkv.weights.export import save_gguf, save_hf_dir
+from tests.models.conftest import one_line
 
 TEXTS = ["The cat attends to the dog — naïve café 42!\n\tdef f(x): return x  ", "Emoji 🤖 and 日本語, 12345 <|eos|>"]
 TEMPLATE = "{% for m in messages %}<|bos|>{{ m['role'] }}: {{ m['content'] }}<|eos|>{% endfor %}"
@@ -258,9 +259,8 @@ def test_smollm2_round_trips_through_gguf_and_hf_dir(smollm2, tmp_path: Path) ->
 
 
 def _one_line(exc: pytest.ExceptionInfo) -> str:
-    msg = str(exc.value)
-    assert isinstance(exc.value, QkvError) and msg and "\n" not in msg, msg
-    return msg
+    assert isinstance(exc.value, QkvError), exc.value
+    return one_line(exc.value)
 
 
 def test_output_paths_that_cannot_be_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
