@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench llamacpp clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,11 @@ bench: setup
 	$(BIN)/python bench/llm.py
 	$(BIN)/python bench/capture.py
 	$(BIN)/python bench/train.py
+
+# Optional peer for bench/llm.py (not needed by the tests): llama.cpp through llama-cpp-python, built from
+# source here (no wheel for this CPU build; ~9 minutes on 2 cores). bench/llm.py reports it skipped without it.
+llamacpp: setup
+	CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/python -m pip install -q llama-cpp-python==0.3.36
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

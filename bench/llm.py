@@ -3,7 +3,8 @@
     .venv/bin/python bench/llm.py [--threads 2] [--new-tokens 128]
 
 Each engine runs in a fresh process on the same GGUF file (transformers dequantises it to float32 and
-runs with attn_implementation="sdpa"; llama-cpp-python, if importable, runs the Q4_1 file as is):
+runs with attn_implementation="sdpa"; llama-cpp-python, if importable — ``make llamacpp`` builds it — runs
+the Q4_1 file as is):
 load time, prefill tokens/s for 128- and 512-token prompts (median of 7), greedy decode tokens/s over
 ``--new-tokens`` new tokens after a 16-token prompt (each engine's own KV cache, a plain loop; median
 of 3 runs), and the process's peak RSS. This 2-core machine is noisy from run to run (±30 % seen on
