@@ -25,5 +25,14 @@ class SwiGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (…, C) -> (…, C)
         if self.gate_up_proj is not None:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (…, F) each
-            return self.down_proj(F.silu(gate) * up)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(glu(gate, up))
+
+
+def glu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up; in place in gate's buffer when autograd is not recording (the same numbers, two
+    (…, F) buffers fewer to allocate and fill)."""
+    if gate.requires_grad or up.requires_grad:
+        return F.silu(gate) * up
+    return F.silu(gate, inplace=True).mul_(up)

@@ -143,7 +143,7 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, x, context=None, *, mask=None, causal: bool = False, cache: KVCache | None = None,
                 positions: torch.Tensor | None = None, return_weights: bool = False, impl: str = "auto",
-                observer=None):
+                observer=None, last_query: bool = False):
         """x (B, T, C) [, context (B, S, C_ctx)] -> (B, T, C) [, weights (B, H, T, S_total)].
 
         With ``cache`` in self-attention, the new keys are appended and queries see all cached ones
@@ -153,6 +153,11 @@ class MultiHeadAttention(nn.Module):
         ``observer(q, k, mask=..., causal=...)``, if given, sees the queries and keys exactly as the
         core gets them (after RoPE, with the whole cache) — how qkv.explain rebuilds weight rows
         without changing the path the model computes on.
+
+        ``last_query=True`` attends from the last position only: the result is (B, 1, C), while keys and
+        values still come from (and are cached for) every position. A decoder's final layer needs no
+        more when only the next token's logits are wanted (the last row of the full output, computed
+        alone).
         """
         x, squeeze = _batched(x, "x")
         if context is None and not (cache is not None and cache.cross):
@@ -160,6 +165,10 @@ class MultiHeadAttention(nn.Module):
         else:
             q = self._heads(x, self.q_proj, self.n_heads)  # (B, H, T, D)
             k, v = self._cross_kv(context, cache)
+        if last_query and q.shape[2] > 1:
+            q = q[:, :, -1:]  # (B, H, 1, D); causal masks align bottom-right, so it still sees every key
+            if isinstance(mask, torch.Tensor) and mask.dim() >= 2 and mask.shape[-2] > 1:
+                mask = mask[..., -1:, :]
         if observer is not None:
             observer(q, k, mask=mask, causal=causal)
         res = attention(q, k, v, mask=mask, causal=causal, dropout_p=self.dropout if self.training else 0.0,

@@ -109,6 +109,24 @@ def test_cached_decode_equals_full_forward(variant: SimpleNamespace) -> None:
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=RTOL, atol=ATOL)
 
 
+def test_last_only_prefill_gives_the_last_logits_and_the_same_cache(variant: SimpleNamespace) -> None:
+    """last_only=True (the final layer on the last row alone) gives the full forward's last logits, and
+    fills the cache as the full prefill does, so decoding continues identically."""
+    model = load(variant.f32, dtype="float32", device="cpu").model
+    ids = variant.ids[:1]
+    with torch.no_grad():
+        full_cache, last_cache = model.make_cache(1, ids.shape[1]), model.make_cache(1, ids.shape[1])
+        full = model(ids[:, :-1], cache=full_cache)
+        last = model(ids[:, :-1], cache=last_cache, last_only=True)
+        torch.testing.assert_close(last, full[:, -1:], rtol=RTOL, atol=ATOL)
+        for a, b in zip(last_cache, full_cache):
+            assert a.offset == b.offset == ids.shape[1] - 1
+            torch.testing.assert_close(a.k, b.k, rtol=0, atol=0)
+            torch.testing.assert_close(a.v, b.v, rtol=0, atol=0)
+        nxt = ids[:, -1:]
+        torch.testing.assert_close(model(nxt, cache=last_cache), model(nxt, cache=full_cache), rtol=0, atol=0)
+
+
 def test_the_checks_can_fail(variant: SimpleNamespace, tiny: SimpleNamespace, tiny_tok: Any) -> None:
     """The ids reach far enough, and the weights are sharp enough, that a wrong Q/K row order or a
     missing RoPE scaling would change the logits well beyond the tolerances above."""

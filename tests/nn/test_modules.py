@@ -157,3 +157,48 @@ def test_fused_projections_compute_the_same_function():
         gu.weight.copy_(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
     mlp.fuse_gate_up(gu)
     torch.testing.assert_close(mlp(x), y)
+
+
+@pytest.mark.parametrize("kind", ["causal", "masked", "cached", "cross"])
+def test_last_query_is_the_last_row_of_the_full_output(kind):
+    """last_query=True computes the full output's last row alone; keys/values still fill the cache."""
+    torch.manual_seed(7)
+    m = MultiHeadAttention(48, 6, 2, rope=RoPE(8), d_context=40 if kind == "cross" else None).eval()
+    x = torch.randn(2, 9, 48)
+    kw = {"causal": kind != "cross"}
+    if kind == "masked":  # (T, S) mask: its last row goes with the last query
+        kw["mask"] = torch.rand(9, 9) > 0.3
+        kw["mask"][:, 0] = True
+    if kind == "cross":
+        kw["context"] = torch.randn(2, 7, 40)
+    if kind == "cached":
+        full_cache, last_cache = KVCache(2, 2, 12, 8), KVCache(2, 2, 12, 8)
+        m(x[:, :3], causal=True, cache=full_cache), m(x[:, :3], causal=True, cache=last_cache)
+        full = m(x[:, 3:], cache=full_cache, **kw)
+        last = m(x[:, 3:], cache=last_cache, last_query=True, **kw)
+        assert last_cache.offset == full_cache.offset == 9
+        torch.testing.assert_close(last_cache.k, full_cache.k, rtol=0, atol=0)
+        torch.testing.assert_close(last_cache.v, full_cache.v, rtol=0, atol=0)
+    else:
+        full, last = m(x, **kw), m(x, last_query=True, **kw)
+    assert last.shape == (2, 1, 48)
+    torch.testing.assert_close(last, full[:, -1:], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(last, full[:, -2:-1], rtol=1e-3, atol=1e-3)  # the row that matters was kept
+    if kind != "cached":
+        w = m(x, last_query=True, return_weights=True, **kw)[1]
+        torch.testing.assert_close(w, m(x, return_weights=True, **kw)[1][..., -1:, :], rtol=1e-5, atol=1e-6)
+
+
+def test_glu_in_place_only_when_autograd_is_off():
+    """SwiGLU's silu(gate) * up runs in gate's buffer under no_grad (same numbers) and out of place when
+    gradients are wanted (autograd still sees the inputs it saved)."""
+    from qkv.nn import SwiGLU
+
+    torch.manual_seed(8)
+    mlp = SwiGLU(16, 32)
+    x = torch.randn(3, 16, requires_grad=True)
+    y = mlp(x)
+    y.sum().backward()  # would raise if silu had overwritten its saved input
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(x), y.detach(), rtol=0, atol=0)
+    assert x.grad is not None and x.grad.abs().sum() > 0
