@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .quant import QuantizedLinear
+
 
 class SwiGLU(nn.Module):
     """Gated linear unit with SiLU (Shazeer 2020), Llama's MLP: down(silu(gate(x)) * up(x))."""
@@ -23,16 +25,27 @@ class SwiGLU(nn.Module):
         self.gate_up_proj = fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (…, C) -> (…, C)
-        if self.gate_up_proj is not None:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (…, F) each
-        else:
+        fused = self.gate_up_proj
+        if fused is None:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(glu(gate, up))
+            seen = _hooked(self.gate_proj)
+        elif isinstance(fused, QuantizedLinear) and not _hooked(fused):
+            gate, up = fused.parts(x, (fused.out_features // 2,) * 2)  # (…, F) each, contiguous
+            seen = False
+        else:
+            gate, up = fused(x).chunk(2, dim=-1)
+            seen = _hooked(fused)
+        return self.down_proj(glu(gate, up, in_place=not seen))
 
 
-def glu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up; in place in gate's buffer when autograd is not recording (the same numbers, two
-    (…, F) buffers fewer to allocate and fill)."""
-    if gate.requires_grad or up.requires_grad:
+def glu(gate: torch.Tensor, up: torch.Tensor, *, in_place: bool = True) -> torch.Tensor:
+    """silu(gate) * up. With ``in_place`` and autograd not recording, it runs in gate's buffer (the same
+    numbers, two (…, F) buffers fewer to allocate and fill)."""
+    if not in_place or gate.requires_grad or up.requires_grad:
         return F.silu(gate) * up
     return F.silu(gate, inplace=True).mul_(up)
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether a forward hook may hold on to the module's output (then it must not be overwritten)."""
+    return bool(module._forward_hooks) or bool(nn.modules.module._global_forward_hooks)

@@ -66,6 +66,16 @@ class QuantizedLinear(nn.Module):
             y = y + self.bias
         return y.reshape(*lead, self.out_features)
 
+    def parts(self, x: torch.Tensor, sizes: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+        """``self(x).split(sizes, -1)`` for a fused matrix. On the exact float path each part is its own
+        matmul on a row block of W: bitwise the same numbers, contiguous outputs, and for SmolLM2's
+        gate/up (2 x 1536 rows) a few per cent faster on 128-token prompts than one 3072-row matmul."""
+        if x.reshape(-1, self.in_features).shape[0] <= self.small_m and self.kind != "float":
+            return self(x).split(list(sizes), dim=-1)
+        ws = self.weight.split(list(sizes))
+        bs = self.bias.split(list(sizes)) if self.bias is not None else (None,) * len(ws)
+        return tuple(F.linear(x, w, b) for w, b in zip(ws, bs))
+
     def small(self, x2: torch.Tensor) -> torch.Tensor:
         """x2 (M, K) -> (M, N) through the compact copy, without the bias (M <= small_m; no checks)."""
         if self.kind == "int4":

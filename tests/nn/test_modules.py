@@ -202,3 +202,8 @@ def test_glu_in_place_only_when_autograd_is_off():
     with torch.no_grad():
         torch.testing.assert_close(mlp(x), y.detach(), rtol=0, atol=0)
     assert x.grad is not None and x.grad.abs().sum() > 0
+    seen = []  # a forward hook that keeps gate_proj's output (as activation probes do) sees it untouched
+    mlp.gate_proj.register_forward_hook(lambda mod, inp, out: seen.append(out))
+    with torch.no_grad():
+        mlp(x)
+    torch.testing.assert_close(seen[0], mlp.gate_proj(x).detach(), rtol=0, atol=0)

@@ -57,3 +57,24 @@ def test_half_linear_shares_the_weight():
     x = torch.randn(1, 16)
     ref = x @ w.detach().T
     assert (lin(x) - ref).abs().max() <= 2e-3 * ref.abs().max()
+
+
+def test_parts_are_the_fused_output_split():
+    """parts(): one matmul per row block of W on the float path is bitwise the fused matmul's split; small
+    inputs keep the compact copy; SwiGLU on a fused QuantizedLinear equals the unfused SwiGLU."""
+    from qkv.nn import SwiGLU
+
+    torch.manual_seed(1)
+    w, b = torch.randn(48, 16), torch.randn(48)
+    lin = QuantizedLinear.half(w, b)
+    big, small = torch.randn(2, 12, 16), torch.randn(1, 16)
+    for got, want in zip(lin.parts(big, (32, 16)), lin(big).split([32, 16], -1)):
+        assert got.is_contiguous()
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for got, want in zip(lin.parts(small, (32, 16)), lin(small).split([32, 16], -1)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)  # float16 copy, as lin(small)
+    mlp = SwiGLU(16, 24).eval()
+    with torch.no_grad():
+        ref = mlp(big)
+        mlp.fuse_gate_up(QuantizedLinear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])))
+        torch.testing.assert_close(mlp(big), ref)
