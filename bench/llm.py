@@ -26,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Any, Callable, NamedTuple
 
 TEXT = ("The history of the transformer architecture begins with attention: a way for every token to look at "
         "every other token and decide what matters. Queries, keys and values are projections of the same "
@@ -45,28 +46,43 @@ def prompt_ids(tokenize, n: int) -> list[int]:
     return ids[:n]
 
 
-def run_qkv(dtype: str, new_tokens: int) -> dict:
+class Opened(NamedTuple):
+    load_s: float
+    tok: Callable[[str], list[int]]
+    prefill: Callable[[list[int]], Any]  # one prompt-only forward, last position's logits only
+    model: Any
+
+
+def open_qkv(dtype: str) -> Opened:
+    """qkv.load("smollm2") and its prefill."""
     import torch
 
     import qkv
-    from qkv.generate import SamplingOptions, generate_ids
 
     t0 = time.perf_counter()
     m = qkv.load("smollm2", dtype=dtype, device="cpu")
     load_s = time.perf_counter() - t0
-    tok = lambda s: m.tokenizer.encode(s)  # noqa: E731
 
     def prefill(ids):
         with torch.inference_mode():
             m.model(torch.tensor([ids]), last_only=True)
 
+    return Opened(load_s, m.tokenizer.encode, prefill, m.model)
+
+
+def run_qkv(dtype: str, new_tokens: int) -> dict:
+    from qkv.generate import SamplingOptions, generate_ids
+
+    load_s, tok, prefill, model = open_qkv(dtype)
+
     def decode(ids):
-        return list(generate_ids(m.model, ids, SamplingOptions(temperature=0), max_new_tokens=new_tokens))
+        return list(generate_ids(model, ids, SamplingOptions(temperature=0), max_new_tokens=new_tokens))
 
     return measure(load_s, tok, prefill, decode)
 
 
-def run_transformers(new_tokens: int) -> dict:
+def open_transformers() -> Opened:
+    """transformers on the same GGUF (dequantised to float32, sdpa) and its prefill."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -78,11 +94,18 @@ def run_transformers(new_tokens: int) -> dict:
                                                  attn_implementation="sdpa").eval()
     load_s = time.perf_counter() - t0
     hf_tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    tok = lambda s: hf_tok(s)["input_ids"]  # noqa: E731
 
     def prefill(ids):
         with torch.inference_mode():
             model(torch.tensor([ids]), use_cache=False, logits_to_keep=1)
+
+    return Opened(load_s, lambda s: hf_tok(s)["input_ids"], prefill, model)
+
+
+def run_transformers(new_tokens: int) -> dict:
+    import torch
+
+    load_s, tok, prefill, model = open_transformers()
 
     def decode(ids):
         out = []
@@ -161,24 +184,8 @@ def paired_prefill(engines: list[str], reps: int) -> dict:
     """
     import torch
 
-    prefills, toks = {}, {}
-    for engine in engines:
-        if engine.startswith("qkv-"):
-            import qkv
-
-            m = qkv.load("smollm2", dtype=engine.split("-", 1)[1], device="cpu")
-            prefills[engine] = lambda ids, m=m: m.model(torch.tensor([ids]), last_only=True)
-            toks[engine] = m.tokenizer.encode
-        else:
-            from transformers import AutoModelForCausalLM
-
-            from qkv.weights.embedded import embedded_path
-
-            path = embedded_path("smollm2")
-            hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
-                                                      attn_implementation="sdpa").eval()
-            prefills[engine] = lambda ids, hf=hf: hf(torch.tensor([ids]), use_cache=False, logits_to_keep=1)
-    tok = next(iter(toks.values()))  # the same GGUF vocabulary for every engine
+    opened = {e: open_qkv(e.split("-", 1)[1]) if e.startswith("qkv-") else open_transformers() for e in engines}
+    tok = opened[engines[0]].tok  # the same GGUF vocabulary for every engine
     out = {}
     with torch.inference_mode():
         for n in (128, 512):
@@ -187,7 +194,7 @@ def paired_prefill(engines: list[str], reps: int) -> dict:
             for rep in range(reps + 1):
                 for e in engines:
                     t0 = time.perf_counter()
-                    prefills[e](ids)
+                    opened[e].prefill(ids)
                     if rep:  # the first round warms up
                         times[e].append(time.perf_counter() - t0)
             for e in engines:
@@ -222,9 +229,11 @@ def main() -> None:
     ap.add_argument("--engines", nargs="+", default=ENGINES, choices=ENGINES)
     ap.add_argument("--rounds", type=int, default=2, help="run every engine this many times, interleaved")
     ap.add_argument("--paired-reps", type=int, default=15,
-                    help="repetitions of the paired prefill comparison (0 skips it)")
+                    help="repetitions of the paired prefill comparison (0 skips it; else at least 2)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.paired_reps == 1 or args.paired_reps < 0:
+        ap.error("--paired-reps must be 0 (skip) or at least 2 (quartiles need two ratios)")
     if args.worker:
         worker(args.worker, args.threads, args.new_tokens, args.paired_reps)
         return

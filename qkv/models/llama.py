@@ -116,9 +116,9 @@ class LlamaForCausalLM(nn.Module):
         for i, layer in enumerate(layers):
             if observer is not None:
                 observer.layer = i
-            # With last_only, the final layer works on the last row alone past its keys and values (as
-            # llama.cpp does): ~1/N of a prompt's work saved, the same logits to float rounding. Not while
-            # an observer reads every layer's queries.
+            # With last_only, the final layer computes (and caches) every position's keys and values but
+            # everything else for the last row alone, as llama.cpp does: ~1/N of a prompt's work saved,
+            # the same logits to float rounding. Not while an observer reads every layer's queries.
             x = layer(x, mask=mask, cache=cache[i] if cache else None, positions=positions, observer=observer,
                       last_only=last_only and observer is None and i == len(layers) - 1)
         if last_only:

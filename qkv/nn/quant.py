@@ -56,12 +56,15 @@ class QuantizedLinear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, small={self.kind}"
 
+    def _exact(self, x: torch.Tensor) -> bool:
+        """Whether x (…, K) goes through the exact float32 weight (more than ``small_m`` rows, or no copy)."""
+        return self.kind == "float" or x.numel() > self.small_m * self.in_features
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (…, K) -> (…, N)
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)  # (M, K)
-        if x2.shape[0] > self.small_m or self.kind == "float":
+        if self._exact(x):
             return F.linear(x, self.weight, self.bias)
-        y = self.small(x2)
+        lead = x.shape[:-1]
+        y = self.small(x.reshape(-1, self.in_features))  # (M, K) -> (M, N)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*lead, self.out_features)
@@ -70,7 +73,7 @@ class QuantizedLinear(nn.Module):
         """``self(x).split(sizes, -1)`` for a fused matrix. On the exact float path each part is its own
         matmul on a row block of W: bitwise the same numbers, contiguous outputs, and for SmolLM2's
         gate/up (2 x 1536 rows) a few per cent faster on 128-token prompts than one 3072-row matmul."""
-        if x.reshape(-1, self.in_features).shape[0] <= self.small_m and self.kind != "float":
+        if not self._exact(x):
             return self(x).split(list(sizes), dim=-1)
         ws = self.weight.split(list(sizes))
         bs = self.bias.split(list(sizes)) if self.bias is not None else (None,) * len(ws)
