@@ -2,8 +2,9 @@
 
 transformers reads the same GGUF file with its own code (gguf-py's dequantisation, its own inverse of
 llama.cpp's Q/K permutation, its own Llama) into float32: the independent oracle of DESIGN.md.
-RELIABILITY R6 (cached decode = full forward) and R7 (logits rtol/atol 1e-4, mean KL ≤ 1e-6 in fp32 and
-≤ 1e-3 in bf16, greedy tokens identical) are checked here. Each test prints its measured numbers
+RELIABILITY R6 (cached decode = full forward) and R7 (logits rtol/atol 1e-4, mean KL ≤ 1e-6 in fp32, greedy
+tokens identical; in bf16 at most 2x the KL of transformers' own bf16 model plus bf16 rounding noise, R1's
+derived rule, since bf16 kernels round differently on AVX2, AVX512-BF16 and AMX) are checked here. Each test prints its measured numbers
 (``pytest -s`` shows them). The tokenizer's own parity suite is tests/text; here only what the model
 needs: the tokenizer and chat template wired by qkv.load agree with transformers'.
 """
@@ -11,6 +12,7 @@ needs: the tokenizer and chat template wired by qkv.load agree with transformers
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import math
 import os
@@ -23,11 +25,13 @@ import pytest
 import torch
 
 from qkv.load import load
+from qkv.nn.observer import AttentionObserver
 from qkv.weights.embedded import embedded_path
 from tests.models.conftest import mean_kl
 
 RTOL = ATOL = 1e-4  # R7, fp32
-KL_FP32, KL_BF16 = 1e-6, 1e-3  # R7
+KL_FP32 = 1e-6  # R7
+KL_BF16_GROSS = 1e-2  # R3's absolute backstop for bf16; the real bound is derived in the bf16 test
 N_GREEDY = 64  # R7 greedy tokens; R6 asks for 32 cached steps, all 64 are checked
 
 PROMPTS = {
@@ -239,18 +243,28 @@ def test_chat_template_matches_transformers(ours: Any, oracle: SimpleNamespace, 
 # --- R7: bfloat16 -------------------------------------------------------------------------------------
 
 
-def test_bf16_logits_stay_close_to_the_fp32_reference(fp32_logits: dict[str, tuple],
+def test_bf16_logits_stay_close_to_the_fp32_reference(fp32_logits: dict[str, tuple], oracle: SimpleNamespace,
                                                       prompt_ids: dict[str, list[int]]) -> None:
+    """R1/R7 with a derived bound: qkv's bf16 model may be at most 2x as far (mean KL) from the fp32
+    reference as an independent bf16 model on the same machine — transformers' Llama cast to bf16, the
+    same-dtype naive baseline — plus the rounding noise of bf16 itself (the KL of the exact logits merely
+    stored in bf16). Both run on this CPU's bf16 kernels (AVX2 emulation, AVX512-BF16 or AMX round
+    differently), so the bound follows the machine instead of being tuned to one of them."""
     bf16 = load("smollm2", dtype="bfloat16", device="cpu")
     assert bf16.dtype == torch.bfloat16
+    naive = copy.deepcopy(oracle.model).to(torch.bfloat16)
     with torch.no_grad():
         for name, ids in prompt_ids.items():
             ref = fp32_logits[name][0]
             got = bf16.model(torch.tensor([ids]))[0]
+            base = naive(torch.tensor([ids])).logits[0].float()
+            noise = mean_kl(ref, ref.bfloat16().float())
             agree = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
-            print(f"bf16 {name}: {_errors(ref, got)}, top-1 agreement {agree:.1%}")
+            print(f"bf16 {name}: {_errors(ref, got)}, top-1 agreement {agree:.1%}; transformers bf16: "
+                  f"{_errors(ref, base)}; noise {noise:.2e}")
             assert got.dtype == torch.float32 and torch.isfinite(got).all()
-            assert mean_kl(ref, got) <= KL_BF16, name
+            assert mean_kl(ref, got) <= 2 * mean_kl(ref, base) + noise, name
+            assert mean_kl(ref, got) <= KL_BF16_GROSS, name  # R3: a gross error even if the baseline were bad
 
 
 # --- capture: exact weights while the model runs its fast path (issue: see attention) --------------------
@@ -283,13 +297,13 @@ def test_capture_equals_transformers_eager_weights(oracle: SimpleNamespace, ours
     torch.testing.assert_close(rec.weights.sum(-1), torch.ones(ref.shape[:-1]), atol=1e-6, rtol=0)
 
 
-class _KeepQK:
+class _KeepQK(AttentionObserver):
     """An observer that keeps each layer's q and k as the attention core received them."""
 
     def __init__(self):
         self.layer, self.qk = 0, {}
 
-    def __call__(self, q, k, *, mask=None, causal=False):
+    def __call__(self, q, k, *, mask=None, causal=False, **_):
         self.qk[self.layer] = (q.clone(), k.clone(), causal)
 
 
