@@ -9,16 +9,32 @@ import sys
 from ..errors import InputError
 from .common import add_model_arguments, load_model
 
+DEFAULT_MEASURE = "norms"  # weights overstate attention sinks; norms weigh each weight by what it moves
+MEASURE_NAMES = ("weights", "norms", "mixing", "rollout", "logit", "alti-logit")  # = qkv.explain.measures.MEASURES
+PREDICTION = ("logit", "alti-logit")  # explain one next-token prediction; --target/--foil go with them
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("text", help="the sentence, e.g. \"He sat on the river's bank\"")
     p.add_argument("--token", "-w", metavar="WORD",
-                   help="the word whose attention to show (required, except for an encoder–decoder run: "
-                        "there it picks one output token, by default all are shown as a heatmap)")
+                   help="the word whose attention to show (required, except with --measure logit/alti-logit: "
+                        "there it picks the position whose next-token prediction is explained, default the last; "
+                        "and for an encoder–decoder run: there it picks one output token, by default all are "
+                        "shown as a heatmap)")
     p.add_argument("--occurrence", type=int, default=1, help="which occurrence of WORD (default 1)")
     add_model_arguments(p)
     p.add_argument("--layer", type=int, default=None, help="one layer (default: the mean over all layers)")
     p.add_argument("--head", type=int, default=None, help="one head (default: the mean over all heads)")
+    p.add_argument("--measure", default=DEFAULT_MEASURE, metavar="M[,M...]",
+                   help="what to show: norms (default: ‖α·W_O v‖, what the heads actually take from each token), "
+                        "weights (the raw softmax weights), mixing (ALTI: each token's share of the output, residual "
+                        "and norms included), rollout (a baseline), logit (each position's contribution to the next "
+                        "token's logit), alti-logit (the same carried back to input tokens through ALTI); several "
+                        "separated by commas, or 'all' — the chart shows the first, --format json carries each")
+    p.add_argument("--target", metavar="TOKEN", help="with --measure logit or alti-logit: the token whose logit "
+                   "is explained (default: the model's top prediction); mind the leading space, e.g. ' are'")
+    p.add_argument("--foil", metavar="TOKEN", help="with --measure logit or alti-logit: explain logit(target) - "
+                   "logit(foil), e.g. --target ' are' --foil ' is'")
     p.add_argument("--tokens", action="store_true", help="token view (default: word view)")
     p.add_argument("--no-sink", action="store_true",
                    help="drop the first token (BOS / attention sink) and renormalise")
@@ -31,33 +47,42 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..explain.capture import capture, word_positions
-    from ..explain.render_text import bar_chart, view_title
+    from ..explain.render_text import bar_chart, measure_title
 
     if args.occurrence < 1:
         raise InputError(f"--occurrence must be >= 1, got {args.occurrence}")
+    measures = _measures(args)
     loaded = load_model(args)
     if hasattr(loaded.config, "n_decoder_layers"):
         return _run_cross(loaded, args)
-    if not args.token:
+    primary = measures[0]
+    if not args.token and primary not in PREDICTION:
         raise InputError("--token WORD is required: which word's attention to show")
     layers = None if args.html else ([args.layer] if args.layer is not None else None)
     heads = None if args.html else ([args.head] if args.head is not None else None)
     _check_range(loaded, args.layer, args.head)
-    positions = word_positions(loaded, args.text, args.token, args.occurrence)
+    positions = word_positions(loaded, args.text, args.token, args.occurrence) if args.token else \
+        [len(loaded.tokenizer.encode(args.text)) - 1]
+    predicts = any(m in PREDICTION for m in measures)
+    if predicts:
+        positions = positions[-1:]  # the prediction is made at the word's last piece
     every_row = args.html or args.heatmap
-    rec = capture(loaded, args.text, layers=layers, heads=heads, queries=None if every_row else positions)
+    rec = capture(loaded, args.text, layers=layers, heads=heads, measures=measures, target=args.target,
+                  foil=args.foil, queries=positions if not every_row else
+                  (list(range(positions[-1] + 1)) if predicts else None))
     view = rec.without_sink() if args.no_sink else rec
-    labels, values, highlight = _chart_data(view, positions, args)
-    title = view_title(view, args.token, args.layer, args.head, not args.tokens)
+    charts = {m: _chart_data(view, positions, args, m) for m in dict.fromkeys([*measures, "weights"])}
+    labels, values, highlight = charts[primary]
+    title = measure_title(view, primary, args.token or rec.key_tokens[positions[-1]], args.layer, args.head,
+                          not args.tokens)
     if args.format == "json":
-        print(json.dumps({"model": rec.model, "text": args.text, "word": args.token, "occurrence": args.occurrence,
-                          "view": "tokens" if args.tokens else "words", "layer": args.layer, "head": args.head,
-                          "sink_removed": view.sink_removed, "keys": labels,
-                          "weights": [round(float(v), 6) for v in values]}, ensure_ascii=False))
+        print(json.dumps(_json(args, rec, view, measures, charts), ensure_ascii=False))
     else:
-        sys.stdout.write(bar_chart(labels, values, title=title, highlight=highlight))
+        sys.stdout.write(bar_chart(labels, values, title=title, highlight=highlight,
+                                   marks=_sink_marks(view, args), signed=primary in PREDICTION))
+        sys.stdout.write(_notes(view, primary))
         if args.heatmap:
-            sys.stdout.write("\n" + _heatmap(view, args))
+            sys.stdout.write("\n" + _heatmap(view, args, primary))
     if args.png:
         from ..explain.render_png import bar_chart_png
 
@@ -66,19 +91,77 @@ def run(args: argparse.Namespace) -> int:
         from ..explain.render_html import explorer_html
         from ..io import write_text
 
-        write_text(args.html, explorer_html(rec, title=f"qkv explain — {rec.model}", query=positions[-1]))
+        write_text(args.html, explorer_html(rec, title=f"qkv explain — {rec.model}", query=positions[-1],
+                                            measure=primary))
     return 0
 
 
-def _heatmap(rec, args) -> str:
-    """Queries x keys of one layer/head (or their mean), token view."""
+def _heatmap(rec, args, measure: str) -> str:
+    """Queries x keys of one layer/head (or the measure's mean or model view), token view."""
     from ..explain.render_text import heatmap, selection_label
 
-    w = rec.weights
-    w = w[rec.index_of_layer(args.layer)][None] if args.layer is not None else w
-    w = w[:, rec.index_of_head(args.head)][:, None] if args.head is not None else w
-    title = f"heatmap — {rec.model}, {selection_label(rec, args.layer, args.head)}; rows = queries, columns = keys"
-    return heatmap([rec.query_tokens[q] for q in rec.queries], rec.key_tokens, w.mean(dim=(0, 1)), title=title)
+    what = "" if measure == "weights" else f"{measure}, "
+    title = (f"heatmap — {rec.model}, {what}{selection_label(rec, args.layer, args.head)}; rows = queries, "
+             "columns = keys")
+    return heatmap([rec.query_tokens[q] for q in rec.queries], rec.key_tokens,
+                   rec.values(measure, args.layer, args.head), title=title)
+
+
+def _measures(args) -> list[str]:
+    """--measure as a list, the chart's measure first; --target/--foil only with logit."""
+    names = [DEFAULT_MEASURE, *MEASURE_NAMES] if args.measure.strip() == "all" else \
+        [m.strip() for m in args.measure.split(",") if m.strip()]
+    bad = [m for m in names if m not in MEASURE_NAMES]
+    if bad or not names:
+        raise InputError(f"--measure {bad[0] if bad else args.measure!r} is not one of {', '.join(MEASURE_NAMES)} "
+                         "(or 'all')")
+    if (args.target is not None or args.foil is not None) and not set(names) & set(PREDICTION):
+        raise InputError("--target and --foil go with --measure logit or alti-logit (the next-token prediction "
+                         "they compare)")
+    return list(dict.fromkeys(names))
+
+
+def _sink_marks(rec, args) -> dict[int, str]:
+    """Bar index -> mark for the keys detected as sinks (word view: the word holding the sink token)."""
+    marks = {}
+    for s in rec.sinks:
+        j = s["position"]
+        if not args.tokens and rec.key_words:
+            j = next(i for i, (a, b) in enumerate(rec.key_words) if a <= j < b)
+        marks[j] = "sink"
+    return marks
+
+
+def _notes(rec, measure: str) -> str:
+    """Lines under the chart: each sink with its reason; the logit's remainder; which measure is a baseline."""
+    from ..explain.render_text import terminal_label
+
+    lines = [f"  sink: {terminal_label(s['token'].strip() or s['token'])} {s['why']}" for s in rec.sinks]
+    if measure in PREDICTION:
+        info = rec.measure(measure).info
+        lines.append(f"  tokens explain {info['logit_difference'] - info['remainder']:+.3f} of the logit difference "
+                     f"{info['logit_difference']:+.3f}; the remainder {info['remainder']:+.3f} is the MLPs' and "
+                     "biases' own part")
+    if measure == "rollout":
+        lines.append("  rollout is a baseline: it multiplies raw weights through the layers and ignores what the "
+                     "values carry")
+    return "".join(line + "\n" for line in lines)
+
+
+def _json(args, rec, view, measures, charts) -> dict:
+    from ..explain.measures import DEFINITIONS
+
+    labels, values, _ = charts["weights"]
+    out = {"model": rec.model, "text": args.text, "word": args.token, "occurrence": args.occurrence,
+           "view": "tokens" if args.tokens else "words", "layer": args.layer, "head": args.head,
+           "sink_removed": view.sink_removed, "keys": labels, "measure": measures[0],
+           "weights": [round(float(v), 6) for v in values], "measures": {}, "sinks": view.sinks}
+    for m in measures:
+        entry = {"definition": DEFINITIONS[m], "values": [round(float(v), 6) for v in charts[m][1]]}
+        if m in PREDICTION:
+            entry.update(view.measure(m).info)
+        out["measures"][m] = entry
+    return out
 
 
 def _check_range(loaded, layer, head) -> None:
@@ -87,20 +170,8 @@ def _check_range(loaded, layer, head) -> None:
     _check_selection(loaded, None if layer is None else [layer], None if head is None else [head])
 
 
-def _chart_data(rec, positions, args):
-    """Word view: mean over the query word's pieces, sum over each key word's pieces. Token view: the
-    mean row of the word's pieces over key tokens."""
-    import torch
-
-    rows = torch.stack([rec.row(p, args.layer, args.head) for p in positions]).mean(0)
-    if args.tokens:
-        return list(rec.key_tokens), rows, None
-    from ..explain.record import sum_over_words
-
-    values = sum_over_words(rows, rec.key_words)
-    # the query word's own bar (absent when it was the dropped sink token)
-    own = [i for i, (a, b) in enumerate(rec.key_words) if a <= positions[0] - rec.sink_removed < b]
-    return rec.word_labels("key"), values, own[0] if own else None
+def _chart_data(rec, positions, args, measure: str = "weights"):
+    return rec.chart(positions, layer=args.layer, head=args.head, words=not args.tokens, measure=measure)
 
 
 def _run_cross(loaded, args) -> int:
@@ -112,16 +183,28 @@ def _run_cross(loaded, args) -> int:
     if args.no_sink or args.heatmap:
         raise InputError("--no-sink and --heatmap are for self-attention; an encoder–decoder's cross-attention "
                          "is shown as a heatmap already, with no sink token to drop")
+    measures = _measures(args)
     output, rec = capture_cross(loaded, args.text, layers=None if args.html else _one(args.layer),
-                                heads=None if args.html else _one(args.head))
-    w = _select(rec, args.layer, args.head)  # (Q, S)
+                                heads=None if args.html else _one(args.head), measures=measures)
+    w = rec.values(measures[0], args.layer, args.head)  # (Q, S)
     what = selection_label(rec, args.layer, args.head)
+    if measures[0] == "norms":
+        where = f"layer {args.layer}" if args.layer is not None else \
+            f"layer {rec.layers[0]}" if len(rec.layers) == 1 else f"mean of {len(rec.layers)} layers"
+        who = f"head {args.head}" if args.head is not None else "norm of the sum over heads"
+        what = f"norms ‖α·W_O v‖ as shares, {where}, {who}"
     query = _output_position(rec, args.token, args.occurrence) if args.token else None
     if args.format == "json":
+        from ..explain.measures import DEFINITIONS
+
+        rows = lambda t: [[round(float(v), 6) for v in row] for row in t]  # noqa: E731
         print(json.dumps({"model": rec.model, "text": args.text, "output": output, "kind": "cross",
                           "layer": args.layer, "head": args.head, "queries": [rec.query_tokens[q] for q in rec.queries],
-                          "keys": rec.key_tokens, "weights": [[round(float(v), 6) for v in row] for row in w]},
-                         ensure_ascii=False))
+                          "keys": rec.key_tokens, "measure": measures[0],
+                          "weights": rows(rec.values("weights", args.layer, args.head)),
+                          "measures": {m: {"definition": DEFINITIONS[m], "values": rows(rec.values(m, args.layer,
+                                                                                                  args.head))}
+                                       for m in measures}}, ensure_ascii=False))
     elif query is None:
         sys.stdout.write(f"{args.text!r} -> {output!r}\n\n" + heatmap(
             rec.query_tokens, rec.key_tokens, w, title=f"cross-attention — {rec.model}, {what}; "
@@ -141,19 +224,12 @@ def _run_cross(loaded, args) -> int:
         from ..io import write_text
 
         write_text(args.html, explorer_html(rec, title=f"qkv explain — {rec.model} (cross-attention)",
-                                            query=query if query is not None else 0))
+                                            query=query if query is not None else 0, measure=measures[0]))
     return 0
 
 
 def _one(i):
     return None if i is None else [i]
-
-
-def _select(rec, layer, head):
-    w = rec.weights
-    w = w[rec.index_of_layer(layer)][None] if layer is not None else w
-    w = w[:, rec.index_of_head(head)][:, None] if head is not None else w
-    return w.mean(dim=(0, 1))
 
 
 def _output_position(rec, token: str, occurrence: int) -> int:

@@ -15,10 +15,12 @@ import torch
 
 from ..errors import InputError
 from ..nn.attention import weight_rows
-from .record import AttentionRecord, check_finite_rows, word_spans
+from ..nn.observer import AttentionObserver
+from ..nn.quant import exact_weights
+from .record import AttentionRecord, MeasureMap, check_finite_rows, find_sinks, word_spans
 
 
-class RowObserver:
+class RowObserver(AttentionObserver):
     """Collects weight rows (H_sel, R, S) per layer. ``rows=None``: all queries; ``"last"``: the newest."""
 
     def __init__(self, layers: Iterable[int] | None = None, heads: Iterable[int] | None = None,
@@ -29,7 +31,7 @@ class RowObserver:
         self.layer = 0  # set by the model before each layer
         self.captured: dict[int, torch.Tensor] = {}
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, *, mask=None, causal: bool = False) -> None:
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, *, mask=None, causal: bool = False, **_) -> None:
         if self.layers is not None and self.layer not in self.layers:
             return
         rows = [q.shape[2] - 1] if self.rows == "last" else self.rows
@@ -66,25 +68,134 @@ def _kind(loaded) -> str:
 
 @torch.inference_mode()
 def capture(loaded, text: str, *, layers: Iterable[int] | None = None, heads: Iterable[int] | None = None,
-            queries: Sequence[int] | None = None) -> AttentionRecord:
+            queries: Sequence[int] | None = None, measures: Iterable[str] | str = ("weights",),
+            target: str | int | None = None, foil: str | int | None = None) -> AttentionRecord:
     """Attention of ``text`` in a loaded model: weights (L, H, Q, T) of the chosen layers, heads and query
-    positions (None = all), with the tokens, their word spans, and the model's name."""
+    positions (None = all), with the tokens, their word spans, and the model's name.
+
+    ``measures``: any of weights, norms, mixing, rollout, logit (qkv.explain.measures), computed in the same
+    forward pass while the model runs its fast kernels; ``record.values(name, layer, head)`` reads them.
+    Whenever a model hands over its values, the per-head norms are computed too and ``record.sinks`` lists
+    the attention sinks. ``logit`` explains the next-token prediction at the last captured query:
+    ``target`` (default: the model's top token there) against ``foil`` (default: none, the target's logit
+    alone), each a token id or a string that is exactly one token."""
+    ids, offsets, special = check_context(loaded, text)
+    wanted = _check_measures(loaded, measures)
+    if wanted != {"weights"} and not _gives_values(loaded):
+        raise InputError("an encoder–decoder's measures come from capture_cross (its cross-attention)")
+    layers, heads = _check_selection(loaded, layers, heads)
+    queries = list(range(len(ids))) if queries is None else [int(q) % len(ids) for q in queries]
+    tokens = loaded.tokenizer.token_strings(ids)
+    spans = word_spans(text, offsets, special)
+    if wanted == {"weights"} and not _gives_values(loaded):
+        obs = RowObserver(layers, heads, queries)
+        with exact_weights(loaded.model):
+            loaded.model(torch.tensor([ids], device=loaded.device), observer=obs)
+        weights = torch.stack([obs.captured[layer] for layer in layers])  # (L, H, Q, T)
+        check_finite_rows(weights)
+        return AttentionRecord(weights, tokens, tokens, queries, layers, heads, kind=_kind(loaded),
+                               model=loaded.name, key_words=spans, query_words=spans)
+    from .trace import MeasureObserver
+
+    obs = MeasureObserver(layers, heads, queries, wanted, logit_row=queries[-1])  # the prediction row: the last
+    causal_lm = _kind(loaded) == "causal"  # its logits are needed at the prediction row alone (logit measure)
+    with exact_weights(loaded.model):  # a dtype="auto" model's compact copies would serve a short text
+        loaded.model(torch.tensor([ids], device=loaded.device), observer=obs,
+                     **({"last_only": True} if causal_lm else {}))
+        maps = _measure_maps(loaded, obs, wanted, layers, target, foil)  # the logit measures' unembedding too
+    weights = torch.stack([obs.per_head["weights"][layer] for layer in layers]).cpu()  # (L, H, Q, T)
+    check_finite_rows(weights)
+    value_norms = torch.stack([obs.value_norms[layer] for layer in layers]).cpu()  # (L, H, T)
+    sinks = find_sinks(weights, value_norms, queries, tokens, causal=_kind(loaded) == "causal")
+    return AttentionRecord(weights, tokens, tokens, queries, layers, heads, kind=_kind(loaded), model=loaded.name,
+                           key_words=spans, query_words=spans, measures=maps, sinks=sinks)
+
+
+def check_context(loaded, text: str) -> tuple[list[int], list[tuple[int, int]], list[bool]]:
+    """The text's ids, character offsets and special flags, refused when empty or longer than the context."""
     if not isinstance(text, str) or not text.strip():
         raise InputError("the text is empty: give a sentence to look at")
-    layers, heads = _check_selection(loaded, layers, heads)
     ids, offsets, special = loaded.tokenizer.encode_with_offsets(text)
     n_ctx = getattr(loaded.config, "max_position_embeddings", len(ids))
     if len(ids) > n_ctx:
         raise InputError(f"the text has {len(ids)} tokens but {loaded.name}'s context window is {n_ctx}; shorten it")
-    queries = list(range(len(ids))) if queries is None else [int(q) % len(ids) for q in queries]
-    obs = RowObserver(layers, heads, queries)
-    loaded.model(torch.tensor([ids], device=loaded.device), observer=obs)
-    weights = torch.stack([obs.captured[layer] for layer in layers])  # (L, H, Q, T)
-    check_finite_rows(weights)
-    tokens = loaded.tokenizer.token_strings(ids)
-    spans = word_spans(text, offsets, special)
-    return AttentionRecord(weights, tokens, tokens, queries, layers, heads, kind=_kind(loaded), model=loaded.name,
-                           key_words=spans, query_words=spans)
+    return ids, offsets, special
+
+
+def _gives_values(loaded) -> bool:
+    """Self-attention models whose blocks report their residual stream (Llama, BERT) give every measure."""
+    return not hasattr(loaded.config, "n_decoder_layers")
+
+
+def _check_measures(loaded, measures) -> set[str]:
+    from .measures import MEASURES
+
+    wanted = {measures} if isinstance(measures, str) else set(measures)
+    bad = sorted(wanted - set(MEASURES))
+    if bad or not wanted:
+        raise InputError(f"unknown measure {bad[0] if bad else '(none)'!r}: choose from {', '.join(MEASURES)}")
+    if wanted & {"logit", "alti-logit"} and _kind(loaded) != "causal":
+        raise InputError(f"the logit measure explains a next-token prediction, and {loaded.name} is an encoder "
+                         "with no language-model head: use weights, norms, mixing or rollout")
+    return wanted | {"weights"}
+
+
+def _measure_maps(loaded, obs, wanted, layers, target, foil) -> dict:
+    """The MeasureMaps of the requested measures from what the observer computed (on the CPU)."""
+    stack = lambda d: torch.stack([d[layer] for layer in layers]).cpu()  # noqa: E731
+    maps = {}
+    if "norms" in wanted:
+        maps["norms"] = MeasureMap("norms", heads=stack(obs.per_head["norms"]), layers=stack(obs.per_layer["norms"]),
+                                   info={"value_norms": stack(obs.value_norms)})
+    for name in ("mixing", "rollout"):
+        if name in wanted:
+            maps[name] = MeasureMap(name, layers=stack(obs.per_layer[name]), model=obs.model_rows(name).cpu())
+    for name in ("logit", "alti-logit"):
+        if name in wanted:
+            maps[name] = _logit_map(loaded, obs, layers, target, foil, name)
+    return maps
+
+
+def _logit_map(loaded, obs, layers, target, foil, name: str) -> MeasureMap:
+    from .measures import logit_direction
+
+    n = obs.logit_row
+    model = loaded.model
+    final_norm = model.model.norm
+    # the model's own final norm and unembedding on x_n (after the last layer): its logits at the prediction
+    # row, computed there alone
+    row = model.lm_head(final_norm(obs.final_state[None].to(final_norm.weight.dtype))).float()[0]  # (V,)
+    t = _token_id(loaded, target, "target") if target is not None else int(row.argmax())
+    f = _token_id(loaded, foil, "foil") if foil is not None else None
+    if f == t:
+        raise InputError("--target and --foil are the same token: choose two different tokens")
+    u = logit_direction(model.lm_head.weight.float(), final_norm, obs.final_state, t, f)
+    per_layer, direct, remainder = obs.logit(u, carried=name == "alti-logit")
+    total = per_layer.sum(0) + direct  # (T,)
+    actual = float(row[t] - (row[f] if f is not None else 0))
+    strings = loaded.tokenizer.token_strings([t] + ([f] if f is not None else []))
+    info = {"target": strings[0], "target_id": t, "foil": strings[1] if f is not None else None, "foil_id": f,
+            "logit_difference": actual, "remainder": remainder, "direct": float(direct.sum()), "position": n}
+    keep = torch.tensor(layers)
+    return MeasureMap(name, layers=per_layer[keep][:, None].cpu(), model=total[None].cpu(), signed=True,
+                      info=info)
+
+
+def _token_id(loaded, token: str | int, what: str) -> int:
+    """A token id from an id or from a string that encodes to exactly one token."""
+    vocab = loaded.config.vocab_size
+    if isinstance(token, int) and not isinstance(token, bool):
+        if not 0 <= token < vocab:
+            raise InputError(f"--{what} id {token} is outside the vocabulary (0..{vocab - 1})")
+        return token
+    if not isinstance(token, str) or not token:
+        raise InputError(f"--{what} must be a token: a non-empty string or a token id")
+    ids = loaded.tokenizer.encode(token)
+    if len(ids) != 1:
+        pieces = loaded.tokenizer.token_strings(ids)
+        hint = "" if token.startswith(" ") else f"; a word after a space usually needs its space: {' ' + token!r}"
+        raise InputError(f"--{what} {token!r} is not one token: it tokenizes as {pieces}{hint}")
+    return ids[0]
 
 
 def capture_generation(loaded, prompt: str | Sequence[Mapping[str, Any]], *, chat: bool | None = None,
@@ -112,17 +223,35 @@ def capture_generation(loaded, prompt: str | Sequence[Mapping[str, Any]], *, cha
 class _StepObserver(RowObserver):
     """Keeps the newest query's row at every forward call: the prefill's last row, then each step's."""
 
-    def __init__(self, layers, heads):
+    def __init__(self, layers, heads, norms: bool = False):
         super().__init__(layers, heads, "last")
         self.steps: list[dict[int, torch.Tensor]] = []
+        self.norms = norms  # also each step's norms (per head and per layer) from its values
+        self.norm_steps: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = []
 
-    def __call__(self, q, k, *, mask=None, causal=False):
+    def __call__(self, q, k, *, mask=None, causal=False, v=None, out_proj=None, **_):
         if self.layer not in self.layers:
             return
         if self.layer == min(self.layers):
             self.steps.append({})
+            self.norm_steps.append({})
         super().__call__(q, k, mask=mask, causal=causal)
         self.steps[-1][self.layer] = self.captured.pop(self.layer, None)
+        if self.norms:
+            self.norm_steps[-1][self.layer] = _last_row_norms(q, k, v, out_proj, mask, causal, self.heads)
+
+
+def _last_row_norms(q, k, v, out_proj, mask, causal, heads) -> tuple[torch.Tensor, torch.Tensor]:
+    """Norm shares of the newest query: per chosen head (H_sel, S) and per layer (S,) (qkv.explain.measures)."""
+    from . import measures as M
+
+    h = q.shape[1]
+    alpha = weight_rows(q, k, [q.shape[2] - 1], mask=mask, causal=causal)[0].float()  # (H, 1, S)
+    vh = M.expand_heads(v[0].float(), h)  # (H, S, D)
+    wo = M.head_projections(out_proj.weight.float(), h)
+    per_head = M.shares(alpha[heads] * M.value_norms(vh, wo)[heads, None, :])[:, 0]
+    per_layer = M.shares(M.layer_norms(alpha, M.key_grams(vh, wo)))[0]
+    return per_head, per_layer
 
 
 def _generation_record(loaded, prompt, ids, new_ids, obs, layers, heads) -> AttentionRecord:
@@ -173,7 +302,8 @@ def word_positions(loaded, text: str, word: str, occurrence: int = 1) -> list[in
 
 @torch.inference_mode()
 def capture_cross(loaded, text: str, *, layers: Iterable[int] | None = None, heads: Iterable[int] | None = None,
-                  max_new_tokens: int = 64) -> tuple[str, AttentionRecord]:
+                  max_new_tokens: int = 64,
+                  measures: Iterable[str] | str = ("weights",)) -> tuple[str, AttentionRecord]:
     """An encoder–decoder's greedy output for ``text`` and its cross-attention: for each output token,
     how much the decoder query that produced it attends to each source token (kind "cross").
 
@@ -183,11 +313,16 @@ def capture_cross(loaded, text: str, *, layers: Iterable[int] | None = None, hea
         raise InputError("the text is empty: give a source string for the encoder–decoder")
     model, vocab = loaded.model, loaded.tokenizer
     layers, heads = _check_selection(loaded, layers, heads)
+    wanted = {measures} if isinstance(measures, str) else set(measures)
+    if wanted - {"weights", "norms"}:
+        raise InputError(f"{', '.join(sorted(wanted - {'weights', 'norms'}))}: an encoder–decoder's cross-attention "
+                         "gives weights and norms (mixing, rollout and logit follow a decoder-only or encoder "
+                         "model's residual stream)")
     src_ids = vocab.encode(text) + [vocab.eos_id]
     src = torch.tensor([src_ids], device=loaded.device)  # (1, S)
     memory = model.encode(src)
     caches = model.make_caches(1, max_new_tokens + 1, src.shape[1])
-    obs = _StepObserver(layers, heads)
+    obs = _StepObserver(layers, heads, norms="norms" in wanted)
     out, nxt = [], torch.tensor([[vocab.bos_id]], device=loaded.device)  # (1, 1)
     for _ in range(max_new_tokens):
         nxt = model.decode(nxt, memory, caches=caches, observer=obs)[:, -1].argmax(-1, keepdim=True)  # (1, 1)
@@ -197,6 +332,13 @@ def capture_cross(loaded, text: str, *, layers: Iterable[int] | None = None, hea
     w = torch.stack([torch.stack([step[layer][:, -1] for layer in layers]) for step in obs.steps[:len(out)]], 2)
     check_finite_rows(w)  # (L, H, Q, S)
     q_tokens, k_tokens = vocab.token_strings(out), vocab.token_strings(src_ids)
+    maps = {}
+    if "norms" in wanted:
+        steps = obs.norm_steps[:len(out)]
+        per_head = torch.stack([torch.stack([s[layer][0] for layer in layers]) for s in steps], 2)  # (L, H, Q, S)
+        per_layer = torch.stack([torch.stack([s[layer][1] for layer in layers]) for s in steps], 1)  # (L, Q, S)
+        maps["norms"] = MeasureMap("norms", heads=per_head.cpu(), layers=per_layer.cpu())
     record = AttentionRecord(w, q_tokens, k_tokens, list(range(len(out))), layers, heads, kind="cross",
-                             model=loaded.name, note="row i = the decoder query that produced output token i")
+                             model=loaded.name, note="row i = the decoder query that produced output token i",
+                             measures=maps)
     return vocab.decode(out), record

@@ -17,7 +17,7 @@ def bar(value: float, width: int) -> str:
     return "█" * full + (_EIGHTHS[rest] if rest and full < width else "")
 
 
-def _label(s: str) -> str:
+def terminal_label(s: str) -> str:
     """Token/word text made visible in one terminal cell row: whitespace and control characters escaped."""
     out = s.replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
     out = "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" for ch in out)
@@ -44,17 +44,55 @@ def view_title(rec: AttentionRecord, query_label: str, layer: int | None, head: 
 
 
 def bar_chart(labels: list[str], values: torch.Tensor, *, title: str = "", width: int = 40,
-              highlight: int | None = None) -> str:
-    """One row per key: label, bar scaled to the largest value, the value (3 decimals)."""
+              highlight: int | None = None, marks: dict[int, str] | None = None, signed: bool = False) -> str:
+    """One row per key: label, bar scaled to the largest value, the value (3 decimals).
+
+    ``marks`` adds a word after a row's value (e.g. "sink"); ``signed`` scales by the largest magnitude and
+    draws negative values with a light bar and a sign, for contributions that can oppose."""
     vals = [float(v) for v in values]
-    top = max(vals) if vals and max(vals) > 0 else 1.0
-    shown = [_label(x) for x in labels]
+    top = max((abs(v) for v in vals), default=0.0) if signed else max(vals, default=0.0)
+    top = top if top > 0 else 1.0
+    shown = [terminal_label(x) for x in labels]
     pad = max((len(s) for s in shown), default=0)
     lines = [title] if title else []
     for i, (lab, v) in enumerate(zip(shown, vals)):
         mark = "▶" if i == highlight else " "
-        lines.append(f"{mark} {lab.ljust(pad)}  {bar(v / top, width).ljust(width)}  {v:.3f}")
+        drawn = "░" * round(abs(v) / top * width) if signed and v < 0 else bar(abs(v) / top, width)
+        num = f"{v:+.3f}" if signed else f"{v:.3f}"
+        note = f"  ◀ {marks[i]}" if marks and i in marks else ""
+        lines.append(f"{mark} {lab.ljust(pad)}  {drawn.ljust(width)}  {num}{note}")
     return "\n".join(lines) + "\n"
+
+
+MEASURE_VERBS = {"norms": "draws on", "mixing": "is made of", "rollout": "rolls out to"}
+
+
+def measure_title(rec: AttentionRecord, measure: str, query_label: str, layer: int | None, head: int | None,
+                  words: bool) -> str:
+    """The chart's title for any measure; the weights keep :func:`view_title`'s wording."""
+    if measure == "weights":
+        return view_title(rec, query_label, layer, head, words)
+    view = "word view" if words else "token view"
+    signed = rec.measure(measure).signed
+    sink = ", first token (sink) removed" + ("" if signed else ", renormalised") if rec.sink_removed else ""
+    n_l, n_h = len(rec.layers), len(rec.heads)
+    if signed:
+        info = rec.measure(measure).info
+        what = repr(info["target"]) + (f" rather than {info['foil']!r}" if info["foil"] is not None else "")
+        where = f"layer {layer}" if layer is not None else "all layers"
+        how = "carried back to the input tokens (ALTI-Logit)" if measure == "alti-logit" else "by position read"
+        return f"why {what} after {query_label!r} — {rec.model}, logit contributions {how}, {where}, {view}{sink}"
+    if measure == "norms":
+        how = "norm of the sum over heads" if head is None else f"head {head}"
+        where = f"layer {layer}, {how}" if layer is not None else \
+            f"head {head}, mean of {n_l} layers" if head is not None else f"mean of {n_l} layers' {how}"
+        label = "norms ‖α·W_O v‖ as shares"
+    else:
+        where = f"layer {layer}" if layer is not None else f"{n_l} layers composed"
+        label = "mixing (ALTI), residual and norms included" if measure == "mixing" else \
+            f"attention rollout of the mean of {n_h} heads (a baseline)"
+    verb = MEASURE_VERBS[measure]
+    return f"{query_label!r} {verb} — {rec.model}, {label}, {where}, {view}{sink}"
 
 
 def heatmap(row_labels: list[str], col_labels: list[str], matrix: torch.Tensor, *, title: str = "") -> str:
@@ -66,7 +104,7 @@ def heatmap(row_labels: list[str], col_labels: list[str], matrix: torch.Tensor, 
     m = matrix.float()
     finite = m[torch.isfinite(m)]
     top = float(finite.max()) if finite.numel() and float(finite.max()) > 0 else 1.0
-    rl = [_label(x) for x in row_labels]
+    rl = [terminal_label(x) for x in row_labels]
     pad = max((len(s) for s in rl), default=0)
     lines = [title] if title else []
     lines.append(" " * (pad + 1) + "".join(f"{j % 10}" for j in range(len(col_labels))))
@@ -74,7 +112,7 @@ def heatmap(row_labels: list[str], col_labels: list[str], matrix: torch.Tensor, 
         cells = "".join("?" if not torch.isfinite(v) else _SHADES[min(4, int(float(v) / top * 4 + 0.5))]
                         for v in row)
         lines.append(f"{lab.ljust(pad)} {cells}")
-    legend = ", ".join(f"{j}={_label(c)}" for j, c in enumerate(col_labels))
+    legend = ", ".join(f"{j}={terminal_label(c)}" for j, c in enumerate(col_labels))
     lines.append(f"keys: {legend}")
     lines.append(f"shades: ' ' 0 … '█' {top:.3f}")
     return "\n".join(lines) + "\n"

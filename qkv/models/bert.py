@@ -79,8 +79,12 @@ class BertLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None, observer=None) -> torch.Tensor:
         a = self.attention(x, mask=mask, causal=False, observer=observer)  # (B, T, C)
-        h = self.attention_layernorm(x + self.attention_dropout(a))
-        return self.output(self.intermediate(h), h)
+        z = x + self.attention_dropout(a)
+        h = self.attention_layernorm(z)
+        out = self.output(self.intermediate(h), h)
+        if observer is not None:  # the residual stream and the post-norm, for the faithfulness measures
+            observer.residual(x, z, norm=self.attention_layernorm, out=out)
+        return out
 
 
 class BertEncoder(nn.Module):

@@ -44,7 +44,10 @@ class LlamaDecoderLayer(nn.Module):
         a = self.self_attn(self.input_layernorm(x).to(dt), mask=mask, causal=True, cache=cache,
                            positions=positions, observer=observer, last_query=last_only)
         h = (x[:, -1:] if last_only else x) + a.float()
-        return h + self.mlp(self.post_attention_layernorm(h).to(dt)).float()
+        out = h + self.mlp(self.post_attention_layernorm(h).to(dt)).float()
+        if observer is not None:  # the residual stream around attention, for the faithfulness measures
+            observer.residual(x, h, out=out)
+        return out
 
 
 class LlamaModel(nn.Module):

@@ -150,9 +150,10 @@ class MultiHeadAttention(nn.Module):
         (positions continue from ``cache.offset``). In cross-attention the cache stores the context's
         keys/values the first time and reuses them afterwards (pass ``context`` only on that call).
 
-        ``observer(q, k, mask=..., causal=...)``, if given, sees the queries and keys exactly as the
-        core gets them (after RoPE, with the whole cache) — how qkv.explain rebuilds weight rows
-        without changing the path the model computes on.
+        ``observer(q, k, v=..., mask=..., causal=..., out_proj=...)``, if given, sees the queries, keys and
+        values exactly as the core gets them (after RoPE, with the whole cache) and the output projection
+        that mixes the heads — how qkv.explain rebuilds weight rows, and the faithfulness measures the
+        vectors those weights multiply, without changing the path the model computes on.
 
         ``last_query=True`` attends from the last position only: the result is (B, 1, C), while keys and
         values still come from (and are cached for) every position. A decoder's final layer needs no
@@ -170,7 +171,7 @@ class MultiHeadAttention(nn.Module):
             if isinstance(mask, torch.Tensor) and mask.dim() >= 2 and mask.shape[-2] > 1:
                 mask = mask[..., -1:, :]
         if observer is not None:
-            observer(q, k, mask=mask, causal=causal)
+            observer(q, k, v=v, mask=mask, causal=causal, out_proj=self.o_proj)
         res = attention(q, k, v, mask=mask, causal=causal, dropout_p=self.dropout if self.training else 0.0,
                         return_weights=return_weights, impl=impl)
         out, weights = (res if return_weights else (res, None))

@@ -16,6 +16,8 @@ CPU only; on other devices qkv loads plain float weights.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -85,3 +87,18 @@ class QuantizedLinear(nn.Module):
             return torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self.packed, self.group,
                                                               self.scales_zeros).to(x2.dtype)
         return F.linear(x2.to(torch.float16), self.weight16).to(x2.dtype)
+
+
+@contextlib.contextmanager
+def exact_weights(model: nn.Module):
+    """Within the block every QuantizedLinear of ``model`` multiplies by its exact float32 weight, whatever
+    the number of rows (qkv.explain must show what the exact model computes, also for short texts)."""
+    mods = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    saved = [m.small_m for m in mods]
+    for m in mods:
+        m.small_m = 0
+    try:
+        yield model
+    finally:
+        for m, small in zip(mods, saved):
+            m.small_m = small

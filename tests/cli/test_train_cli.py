@@ -75,6 +75,24 @@ def test_explain_shows_the_cross_attention_of_a_trained_run(reverse_run, tmp_pat
     data = json.loads(out)
     assert data["kind"] == "cross" and data["keys"] == ["a", "b", "c", "<eos>"]
     assert all(abs(sum(row) - 1) < 1e-4 for row in data["weights"]) and len(data["weights"]) == len(data["queries"])
+    assert data["measure"] == "norms" and set(data["measures"]) == {"norms"}  # the default measure
+
+
+def test_cross_attention_norms_and_refused_measures(reverse_run, capsys):
+    """Cross-attention gives weights and norms (‖α·W_O v‖ over the source tokens); mixing, rollout and logit
+    follow a residual stream the encoder–decoder's capture does not trace: one line, exit 2."""
+    code, out, err = cli(capsys, "explain", "abc", "--model", reverse_run, "--format", "json",
+                         "--measure", "norms,weights", "--head", "1")
+    assert code == 0, err
+    data = json.loads(out)
+    norms, weights = data["measures"]["norms"]["values"], data["measures"]["weights"]["values"]
+    assert weights == data["weights"] and len(norms) == len(weights) == len(data["queries"])
+    assert all(abs(sum(row) - 1) < 1e-4 for row in norms) and norms != weights
+    code, out, err = cli(capsys, "explain", "abc", "--model", reverse_run, "--measure", "norms")
+    assert code == 0 and "norms ‖α·W_O v‖ as shares, layer 0, norm of the sum over heads" in out, out
+    for measure in ("mixing", "rollout", "logit"):
+        code, out, err = cli(capsys, "explain", "abc", "--model", reverse_run, "--measure", measure)
+        assert code == 2 and out == "" and "gives weights and norms" in err and err.count("\n") == 1, err
 
 
 def test_export_a_trained_lm_and_generate_from_it(tmp_path, capsys):

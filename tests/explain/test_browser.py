@@ -198,3 +198,36 @@ def test_cross_attention_page(open_page):
     assert page.is_disabled("#nosink")  # no attention sink to drop between two sequences
     labels = page.eval_on_selector_all("#bars .bar[data-key] .label", "els => els.map(e => e.textContent)")
     assert len(labels) == len(src) and labels[0] == "N"
+
+
+def test_measure_selector_shows_the_record_measures(open_page, smollm2):
+    """Every measure of a real capture, per layer, per head and whole-model, equals the record's views; the
+    sink is marked; a prediction measure on another token says where it applies."""
+    from qkv.explain.capture import capture
+
+    rec = capture(smollm2, "He sat on the river's bank", measures=["norms", "mixing", "rollout", "logit"])
+    page = open_page(explorer_html(rec, title="bank", query=6, measure="norms"))
+    assert page.input_value("#measure") == "norms"
+    assert "Attention sink" in page.inner_text("#sinknote")
+    _assert_row(page, rec.row(6, measure="norms"))
+    assert "sink" in page.eval_on_selector('#bars .bar[data-key="0"] .label', "e => e.textContent")
+    for measure in ("norms", "mixing", "rollout", "logit", "weights"):
+        page.select_option("#measure", measure)
+        page.select_option("#layer", "-1")
+        page.select_option("#head", "-1")
+        _assert_row(page, rec.row(6, measure=measure))
+        page.select_option("#layer", "29")
+        _assert_row(page, rec.row(6, 29, measure=measure))
+        if measure in ("norms", "weights"):
+            page.select_option("#head", "4")
+            _assert_row(page, rec.row(6, 29, 4, measure=measure))
+            page.select_option("#layer", "-1")
+            _assert_row(page, rec.row(6, None, 4, measure=measure))
+    page.select_option("#measure", "mixing")
+    page.select_option("#layer", "-1")
+    page.select_option("#head", "-1")
+    page.check("#nosink")
+    _assert_row(page, rec.without_sink().row(6, measure="mixing"), shift=1)
+    page.select_option("#measure", "logit")
+    page.click('#tokens [data-q="3"]')
+    assert "explains the prediction made at position 6 only" in page.inner_text("#bars")

@@ -112,7 +112,7 @@ def test_explain_bank_on_smollm2(capsys):
     d = json.loads(out)
     assert d["keys"] == ["He", "sat", "on", "the", "river's", "bank"]
     assert abs(sum(d["weights"]) - 1) < 1e-4
-    code, out, _ = run_cli(capsys, TEXT, "--token", "bank")
+    code, out, _ = run_cli(capsys, TEXT, "--token", "bank", "--measure", "weights")
     assert code == 0 and "'bank' attends to — smollm2, mean of 30 layers, mean of 9 heads, word view" in out
     assert "▶ bank" in out
 
@@ -134,7 +134,7 @@ def test_explain_bad_input_exits_2_with_one_line(capsys, argv, match):
 def test_explain_heatmap_png_and_html_outputs(capsys, tmp_path):
     png, page = tmp_path / "bank.png", tmp_path / "bank.html"
     code, out, err = run_cli(capsys, TEXT, "--token", "bank", "--layer", "3", "--heatmap", "--png", str(png),
-                             "--html", str(page))
+                             "--html", str(page), "--measure", "weights")
     assert code == 0, err
     assert "heatmap — smollm2, layer 3, mean of 9 heads; rows = queries" in out and "keys: 0=He" in out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

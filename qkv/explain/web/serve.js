@@ -1,0 +1,205 @@
+"use strict";
+// qkv serve's page: submits a text, draws its tokens (only the blocks in view), and asks the server for
+// the clicked token's row in the chosen measure, layer and head. Every string from the server or the
+// user reaches the page through textContent (never as markup). The bars use explorer.css, shared with
+// the offline explorer of `qkv explain --html`.
+(function () {
+  const $ = (id) => document.getElementById(id);
+  const BLOCK = 400;  // tokens per block of the token strip; blocks out of view hold no token elements
+  const ST = {text: null, query: null, row: null};
+
+  function el(tag, cls, text) {
+    const e = document.createElement(tag);
+    if (cls) e.className = cls;
+    if (text !== undefined) e.textContent = text;
+    return e;
+  }
+  function visible(s) {  // whitespace and control characters made visible, as in the offline explorer
+    if (s === "") return "''";
+    const sym = {" ": "\u2423", "\t": "\u21e5", "\n": "\u21b5", "\r": "\u240d"};
+    if (/^\s+$/.test(s)) return Array.from(s).map((c) => sym[c] || "\u2420").join("");
+    return s.replace(/[\n\r\t]/g, (c) => sym[c]).replace(/[\u0000-\u001f\u007f-\u009f\u2028\u2029]/g, "\ufffd");
+  }
+  function showError(msg) {
+    $("error").textContent = msg;
+    $("error").hidden = !msg;
+  }
+  async function call(url, options) {
+    const r = await fetch(url, options);
+    const data = await r.json().catch(() => ({error: "the server's answer was not JSON (status " + r.status + ")"}));
+    if (!r.ok) throw new Error(data.error || ("status " + r.status));
+    return data;
+  }
+
+  // -- submitting a text ---------------------------------------------------------------------------
+  async function run() {
+    showError("");
+    $("go").disabled = true;
+    $("meta").textContent = "running the model…";
+    try {
+      const t = await call("/api/texts", {method: "POST", headers: {"Content-Type": "application/json"},
+                                          body: JSON.stringify({text: $("text").value, model: $("model").value})});
+      ST.text = t; ST.query = null;
+      $("meta").textContent = t.model + " \u00b7 " + t.tokens.length + " tokens \u00b7 " + t.layers + " layers \u00d7 " +
+        t.heads + " heads \u00b7 kept on the server: " + t.kept_mib + " MiB";
+      fillSelect("layer", t.layers, "layer");
+      fillSelect("head", t.heads, "head");
+      const m = $("measure");
+      m.replaceChildren(...Object.keys(t.measures).map((name) => new Option(name, name)));
+      m.value = "norms";
+      $("sinknote").textContent = t.sinks.map((s) => "Attention sink: " + JSON.stringify(s.token) + " " + s.why).join(" ");
+      $("sinknote").hidden = !t.sinks.length;
+      drawTokens();
+      select(t.tokens.length - 1);
+    } catch (e) {
+      showError(e.message); $("meta").textContent = "";
+    } finally {
+      $("go").disabled = false;
+    }
+  }
+  function fillSelect(id, n, what) {
+    const s = $(id);
+    s.replaceChildren(new Option("all", "-1"));
+    for (let i = 0; i < n; i++) s.appendChild(new Option(what + " " + i, String(i)));
+  }
+
+  // -- the token strip: blocks rendered only while near the viewport ----------------------------------
+  let observer = null;
+  function drawTokens() {
+    const box = $("tokens");
+    box.replaceChildren();
+    if (observer) observer.disconnect();
+    observer = new IntersectionObserver((entries) => entries.forEach((e) => {
+      if (e.isIntersecting) fillBlock(e.target); else emptyBlock(e.target);
+    }), {root: box, rootMargin: "600px 0px"});
+    for (let a = 0; a < ST.text.tokens.length; a += BLOCK) {
+      const b = el("div", "block");
+      b.dataset.start = String(a);
+      b.style.minHeight = "2.2rem";
+      box.appendChild(b);
+      observer.observe(b);
+    }
+  }
+  function fillBlock(b) {
+    if (b.childElementCount) return;
+    const a = Number(b.dataset.start), end = Math.min(a + BLOCK, ST.text.tokens.length);
+    for (let i = a; i < end; i++) {
+      const s = el("span", "tok q", visible(ST.text.tokens[i]));
+      s.dataset.q = String(i);
+      if (isSelected(i)) s.classList.add("sel");
+      b.appendChild(s);
+    }
+    b.style.minHeight = b.offsetHeight + "px";  // keeps its place when emptied again
+  }
+  function emptyBlock(b) { b.replaceChildren(); }
+  function isSelected(i) { return ST.row && ST.row.positions.includes(i); }
+  function markSelection() {
+    document.querySelectorAll("#tokens .tok.sel").forEach((s) => s.classList.remove("sel"));
+    if (ST.row) ST.row.positions.forEach((p) => {
+      const s = document.querySelector('#tokens .tok[data-q="' + p + '"]');
+      if (s) s.classList.add("sel");
+    });
+  }
+
+  // -- a row from the server ---------------------------------------------------------------------------
+  function rowParams() {
+    const p = new URLSearchParams({query: String(ST.query), measure: $("measure").value,
+                                   words: $("words").checked ? "1" : "0", nosink: $("nosink").checked ? "1" : "0"});
+    if ($("layer").value !== "-1") p.set("layer", $("layer").value);
+    if ($("head").value !== "-1") p.set("head", $("head").value);
+    return p;
+  }
+  async function select(q) {
+    ST.query = q;
+    showError("");
+    try {
+      ST.row = await call("/api/texts/" + ST.text.id + "/row?" + rowParams());
+      drawBars();
+      markSelection();
+    } catch (e) {
+      showError(e.message);
+    }
+  }
+  function drawBars() {
+    const r = ST.row, box = $("bars"), sinks = new Set();
+    box.replaceChildren();
+    r.sinks.forEach((s) => sinks.add(s.position));
+    let top = 0;
+    r.values.forEach((v) => { if (Math.abs(v) > top) top = Math.abs(v); });
+    r.keys.forEach((label, i) => {
+      const b = el("div", "bar"), fill = el("span", "fill"), track = el("span", "track");
+      b.dataset.key = String(i); b.dataset.value = String(r.values[i]);
+      if (i === r.own) b.classList.add("self");
+      if (r.values[i] < 0) b.classList.add("neg");
+      const lab = el("span", "label", visible(label));
+      lab.title = label;
+      fill.style.width = (top > 0 ? Math.abs(r.values[i]) / top * 100 : 0) + "%";
+      track.appendChild(fill);
+      b.append(lab, track, el("span", "num", r.values[i].toFixed(4)));
+      box.appendChild(b);
+    });
+    const where = ($("layer").value === "-1" ? "all layers" : "layer " + $("layer").value) + ", " +
+                  ($("head").value === "-1" ? "all heads" : "head " + $("head").value);
+    const who = ST.text.tokens.slice(r.positions[0], r.positions[r.positions.length - 1] + 1).join("");
+    $("caption").textContent = "\u201c" + visible(who) + "\u201d \u2014 " + r.measure + ", " + where +
+      ($("words").checked ? ", word view" : ", token view") + (r.sink_removed ? ", first token removed" : "");
+    let def = r.definition;
+    if (r.logit) def += ". Target " + JSON.stringify(r.logit.target) + (r.logit.foil !== null ? " vs " +
+      JSON.stringify(r.logit.foil) : "") + ": logit difference " + r.logit.logit_difference.toFixed(3) +
+      ", remainder (MLPs, biases) " + r.logit.remainder.toFixed(3);
+    $("definition").textContent = def;
+  }
+
+  // -- exports ------------------------------------------------------------------------------------------
+  function download(name, type, text) {
+    const a = el("a");
+    a.href = URL.createObjectURL(new Blob([text], {type: type}));
+    a.download = name;
+    document.body.appendChild(a); a.click(); a.remove();
+  }
+  function svgText() {  // the bar chart as an SVG document, built as a DOM tree so every label is escaped
+    const NS = "http://www.w3.org/2000/svg", r = ST.row, rowH = 18, w = 640;
+    const svg = document.createElementNS(NS, "svg");
+    svg.setAttribute("xmlns", NS);
+    svg.setAttribute("width", String(w));
+    svg.setAttribute("height", String(rowH * (r.keys.length + 2)));
+    const title = document.createElementNS(NS, "text");
+    title.setAttribute("x", "4"); title.setAttribute("y", "14");
+    title.textContent = $("caption").textContent;
+    svg.appendChild(title);
+    let top = 0;
+    r.values.forEach((v) => { top = Math.max(top, Math.abs(v)); });
+    r.keys.forEach((k, i) => {
+      const y = rowH * (i + 1) + 4, label = document.createElementNS(NS, "text");
+      label.setAttribute("x", "150"); label.setAttribute("y", String(y + 12));
+      label.setAttribute("text-anchor", "end");
+      label.textContent = visible(k);
+      const bar = document.createElementNS(NS, "rect");
+      bar.setAttribute("x", "156"); bar.setAttribute("y", String(y + 2));
+      bar.setAttribute("height", String(rowH - 4));
+      bar.setAttribute("width", String(top > 0 ? Math.abs(r.values[i]) / top * 400 : 0));
+      bar.setAttribute("fill", r.values[i] < 0 ? "#dd6b20" : "#3182ce");
+      const num = document.createElementNS(NS, "text");
+      num.setAttribute("x", "566"); num.setAttribute("y", String(y + 12));
+      num.textContent = r.values[i].toFixed(4);
+      svg.append(label, bar, num);
+    });
+    return new XMLSerializer().serializeToString(svg);
+  }
+
+  function init() {
+    $("model").value = document.body.dataset.model;
+    $("go").addEventListener("click", run);
+    $("tokens").addEventListener("click", (e) => {
+      const t = e.target.closest(".tok");
+      if (t && ST.text) select(Number(t.dataset.q));
+    });
+    ["measure", "layer", "head", "words", "nosink"].forEach((id) => $(id).addEventListener("change", () => {
+      if (ST.text && ST.query !== null) select(ST.query);
+    }));
+    $("csv").addEventListener("click", () => { if (ST.row) location.href = "/api/texts/" + ST.text.id + "/row.csv?" + rowParams(); });
+    $("json").addEventListener("click", () => { if (ST.row) download("qkv-row.json", "application/json", JSON.stringify(ST.row, null, 1)); });
+    $("svg").addEventListener("click", () => { if (ST.row) download("qkv-row.svg", "image/svg+xml", svgText()); });
+  }
+  init();
+})();
