@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test bench llamacpp clean
+.PHONY: setup demo test test-isa bench llamacpp clean
 
 setup: $(STAMP)
 
@@ -27,10 +27,18 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+# The numerically sensitive tests again under the other CPU kinds' kernels (NumPy without AVX-512, oneDNN
+# capped at AVX2 / AVX512-BF16 / AMX, PyTorch's ATen at default / avx2 / avx512); see tests/isa_matrix.py.
+test-isa: setup
+	$(BIN)/python tests/isa_matrix.py
+
 bench: setup
 	$(BIN)/python bench/attention.py
 	$(BIN)/python bench/llm.py
 	$(BIN)/python bench/capture.py
+	$(BIN)/python bench/measures.py
+	$(BIN)/python bench/faithfulness.py
+	$(BIN)/python bench/serve.py
 	$(BIN)/python bench/train.py
 
 # Optional peer for bench/llm.py (not needed by the tests): llama.cpp through llama-cpp-python, built from

@@ -21,6 +21,7 @@ SUBCOMMANDS = {
     "train": "train the 2017 encoder–decoder on a built-in task, or a decoder LM on a text file",
     "eval": "held-out metrics of a training run (exact match, or loss and perplexity)",
     "export": "write a Llama-architecture model (e.g. a trained run) as a Hugging Face directory or a GGUF file",
+    "serve": "the live attention explorer in the browser: any text, every row on demand, exports",
 }
 
 

@@ -1,0 +1,155 @@
+"""What one forward of a text leaves behind for the live explorer, and the rows computed from it.
+
+Legend: L layers, H query heads, K kv heads, T tokens, D head dim.
+
+A page asks for one query row at a time (a click), in any layer, head and measure. Keeping every layer's
+queries, keys and values exactly as the attention core received them makes each click one scaled dot
+product per key (qkv.nn.attention.weight_rows) — the same numbers `qkv explain` records — without running
+the model again. Kept per text, float32: q (L, H, T, D), k and v (L, K, T, D), and what the norms need
+for any row in O(L·H·T + L·T·H²): each key's value norm per head and its per-key Gram matrix of head
+outputs (qkv.explain.measures). For SmolLM2 at 8,192 tokens that is ~0.95 GiB of q/k/v and ~0.09 GiB of
+norms' tables. The logit measure is kept for the prediction after the text (the last position): the
+embedding, the MLPs' updates and the final state at that row.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import InputError
+from ..explain import measures as M
+from ..explain.capture import _check_measures, _kind, _token_id, check_context
+from ..explain.record import AttentionRecord, MeasureMap, find_sinks, word_spans
+from ..nn.attention import weight_rows
+from ..nn.observer import AttentionObserver
+from ..nn.quant import exact_weights
+
+SERVED_MEASURES = ("weights", "norms", "logit")  # the per-row measures; mixing/rollout need T x T maps per layer
+SINK_SAMPLE = 64  # rows sampled (evenly, the last included) to find the sinks of a long text
+
+
+class _Keep(AttentionObserver):
+    """Keeps each layer's q, k, v and output projection, and the residual stream at the last row."""
+
+    def __init__(self):
+        self.layers: list[dict] = []
+        self.x0 = self.final = None
+        self.mlp_last: list[torch.Tensor] = []
+
+    def __call__(self, q, k, *, v=None, mask=None, causal=False, out_proj=None):
+        self.layers.append(dict(q=q[0], k=k[0], v=v[0], mask=mask, causal=causal, out_proj=out_proj))
+
+    def residual(self, x, z, *, norm=None, out=None):
+        if self.x0 is None:
+            self.x0 = x[0, -1].float()
+        if out is not None and norm is None:  # a pre-norm block: the MLP's update is out − z
+            self.mlp_last.append(out[0, -1].float() - z[0, -1].float())
+            self.final = out[0, -1].float()
+
+
+class TextState:
+    """A text after one forward of a loaded model: tokens, words, sinks, and the tensors every row needs."""
+
+    def __init__(self, loaded, text: str):
+        ids, offsets, special = check_context(loaded, text)
+        keep = _Keep()
+        causal = _kind(loaded) == "causal"
+        with torch.inference_mode(), exact_weights(loaded.model):
+            loaded.model(torch.tensor([ids], device=loaded.device), observer=keep,
+                         **({"last_only": True} if causal else {}))
+        self.loaded, self.text, self.ids = loaded, text, ids
+        self.causal = causal
+        self.tokens = loaded.tokenizer.token_strings(ids)
+        self.spans = word_spans(text, offsets, special)
+        self.q = [s["q"] for s in keep.layers]
+        self.k = [s["k"] for s in keep.layers]
+        self.mask = [s["mask"] for s in keep.layers]
+        self.out_proj = [s["out_proj"] for s in keep.layers]
+        self.v = [M.expand_heads(s["v"].float(), s["q"].shape[0]) for s in keep.layers]  # (H, T, D) views
+        wo = [M.head_projections(p.weight.float(), q.shape[0]) for p, q in zip(self.out_proj, self.q)]
+        with torch.inference_mode():
+            self.value_norms = torch.stack([M.value_norms(v, w) for v, w in zip(self.v, wo)])  # (L, H, T)
+            self.grams = [M.key_grams(v, w) for v, w in zip(self.v, wo)]  # L x (T, H, H)
+        self.keep = keep
+        self.sinks = self._sinks()
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.q)
+
+    @property
+    def n_heads(self) -> int:
+        return self.q[0].shape[0]
+
+    def nbytes(self) -> int:
+        tensors = self.q + self.k + [s["v"] for s in self.keep.layers] + self.grams + [self.value_norms]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def _alpha(self, layer: int, rows: list[int]) -> torch.Tensor:
+        """Exact weights (H, R, T) of the rows in one layer, from the kept q and k."""
+        return weight_rows(self.q[layer][None], self.k[layer][None], rows, mask=self.mask[layer],
+                           causal=self.causal)[0].float()
+
+    def _sinks(self) -> list[dict]:
+        t = len(self.ids)
+        n = min(t, SINK_SAMPLE)
+        rows = sorted({round(i * (t - 1) / max(1, n - 1)) for i in range(n)})  # every row of a short text
+        with torch.inference_mode():
+            w = torch.stack([self._alpha(layer, rows) for layer in range(self.n_layers)])  # (L, H, R, T)
+        return find_sinks(w, self.value_norms, rows, self.tokens, causal=self.causal)
+
+    @torch.inference_mode()
+    def record(self, queries: list[int], measures=("weights", "norms"), target=None, foil=None) -> AttentionRecord:
+        """An AttentionRecord of the ``queries`` rows over every layer and head, with the chosen measures —
+        the same record `qkv.capture(..., queries=queries)` gives, from the kept tensors."""
+        t = len(self.ids)
+        bad = [q for q in queries if not 0 <= q < t]
+        if bad or not queries:
+            raise InputError(f"query {bad[0] if bad else '(none)'} is outside the text's {t} tokens")
+        wanted = _check_measures(self.loaded, measures)
+        if wanted - set(SERVED_MEASURES):
+            raise InputError(f"the live explorer computes {', '.join(SERVED_MEASURES)} per click; "
+                             f"{', '.join(sorted(wanted - set(SERVED_MEASURES)))} need the whole text's maps: use "
+                             "qkv explain")
+        alpha = torch.stack([self._alpha(layer, queries) for layer in range(self.n_layers)])  # (L, H, Q, T)
+        maps = {}
+        if "norms" in wanted:
+            heads = M.shares(alpha * self.value_norms[:, :, None, :])
+            layers = torch.stack([M.shares(M.layer_norms(alpha[i], self.grams[i])) for i in range(self.n_layers)])
+            maps["norms"] = MeasureMap("norms", heads=heads, layers=layers)
+        if "logit" in wanted:
+            maps["logit"] = self._logit(queries, alpha, target, foil)
+        all_l, all_h = list(range(self.n_layers)), list(range(self.n_heads))
+        return AttentionRecord(alpha, self.tokens, self.tokens, list(queries), all_l, all_h,
+                               kind="causal" if self.causal else "self", model=self.loaded.name,
+                               key_words=self.spans, query_words=self.spans, measures=maps, sinks=self.sinks)
+
+    def _logit(self, queries: list[int], alpha: torch.Tensor, target, foil) -> MeasureMap:
+        """The logit measure at the last position: per layer Σ_h α^h_nj v^h_j·(W_O^hᵀ u) by key position."""
+        n = len(self.ids) - 1
+        if queries != [n] or self.keep.final is None:
+            raise InputError(f"the logit measure explains the prediction after the text, made at its last token "
+                             f"(position {n})")
+        model = self.loaded.model
+        final_norm = model.model.norm
+        row = model.lm_head(final_norm(self.keep.final[None].to(final_norm.weight.dtype))).float()[0]  # (V,)
+        t = _token_id(self.loaded, target, "target") if target is not None else int(row.argmax())
+        f = _token_id(self.loaded, foil, "foil") if foil is not None else None
+        if f == t:
+            raise InputError("target and foil are the same token: choose two different tokens")
+        u = M.logit_direction(model.lm_head.weight.float(), final_norm, self.keep.final, t, f)
+        per_layer = []
+        rest = sum(self.keep.mlp_last, torch.zeros_like(u))
+        for i, (v, p) in enumerate(zip(self.v, self.out_proj)):
+            per_layer.append(M.logit_by_key(alpha[i, :, 0], v, M.head_projections(p.weight.float(), self.n_heads), u))
+            if p.bias is not None:
+                rest = rest + p.bias.float()
+        per_layer = torch.stack(per_layer)  # (L, T)
+        direct = torch.zeros(len(self.ids))
+        direct[n] = float(self.keep.x0 @ u)
+        strings = self.loaded.tokenizer.token_strings([t] + ([f] if f is not None else []))
+        info = {"target": strings[0], "target_id": t, "foil": strings[1] if f is not None else None, "foil_id": f,
+                "logit_difference": float(row[t] - (row[f] if f is not None else 0)), "remainder": float(rest @ u),
+                "direct": float(direct.sum()), "position": n}
+        return MeasureMap("logit", layers=per_layer[:, None], model=(per_layer.sum(0) + direct)[None], signed=True,
+                          info=info)

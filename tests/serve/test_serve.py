@@ -1,0 +1,218 @@
+"""`qkv serve` against a real uvicorn server on a free loopback port: every row the page gets equals what
+`qkv.capture` and `qkv explain --format json` give; bad requests are one-line JSON errors with a 4xx; the
+page in headless Chromium shows those numbers and never runs a token as code."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+
+import qkv
+from qkv.cli.main import main
+
+TEXT = "He sat on the river's bank"
+TOL = 1e-6
+
+
+@pytest.fixture(scope="module")
+def server():
+    import uvicorn
+
+    from qkv.serve.app import make_app
+
+    srv = uvicorn.Server(uvicorn.Config(make_app(model="smollm2", max_models=1, max_texts=3), host="127.0.0.1",
+                                        port=0, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.05)
+    assert srv.started, "the server did not start"
+    port = srv.servers[0].sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(30)
+    assert not thread.is_alive(), "the server did not stop"
+
+
+def call(url: str, body: dict | bytes | None = None) -> tuple[int, dict | str]:
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            raw, status, kind = r.read().decode(), r.status, r.headers.get("content-type", "")
+    except urllib.error.HTTPError as e:
+        raw, status, kind = e.read().decode(), e.code, e.headers.get("content-type", "")
+    return status, json.loads(raw) if kind.startswith("application/json") else raw
+
+
+def submit(server, text, model="smollm2") -> dict:
+    status, t = call(f"{server}/api/texts", {"text": text, "model": model})
+    assert status == 200, t
+    return t
+
+
+def test_rows_equal_capture_for_every_measure(server, smollm2):
+    t = submit(server, TEXT)
+    assert t["tokens"] == smollm2.tokenizer.token_strings(smollm2.tokenizer.encode(TEXT))
+    assert [s["token"] for s in t["sinks"]] == ["He"]
+    n = len(t["tokens"])
+    for q in (0, n // 2, n - 1):
+        for measure in ("weights", "norms"):
+            rec = qkv.capture(smollm2, TEXT, queries=[q], measures=[measure])
+            for layer, head in ((None, None), (3, None), (None, 2), (29, 8)):
+                extra = "".join(f"&{k}={v}" for k, v in (("layer", layer), ("head", head)) if v is not None)
+                status, row = call(f"{server}/api/texts/{t['id']}/row?query={q}&measure={measure}&words=0{extra}")
+                assert status == 200, row
+                want = rec.row(q, layer, head, measure)
+                assert torch.allclose(torch.tensor(row["values"]), want, atol=TOL, rtol=0), (q, measure, layer, head)
+
+
+def test_word_rows_equal_qkv_explain_json(server, capsys):
+    t = submit(server, TEXT)
+    bank = t["word_labels"].index("bank")
+    query = t["words"][bank][0]
+    for measure in ("norms", "weights"):
+        assert main(["explain", TEXT, "--token", "bank", "--measure", measure, "--format", "json",
+                     "--threads", "1"]) == 0
+        cli = json.loads(capsys.readouterr().out)
+        status, row = call(f"{server}/api/texts/{t['id']}/row?query={query}&measure={measure}")
+        assert status == 200 and row["keys"] == cli["keys"]
+        assert max(abs(a - b) for a, b in zip(row["values"], cli["measures"][measure]["values"])) <= 1e-6
+
+
+def test_logit_row_and_csv(server, smollm2):
+    text = "The keys to the old cabinet"
+    t = submit(server, text)
+    last = len(t["tokens"]) - 1
+    status, row = call(f"{server}/api/texts/{t['id']}/row?query={last}&measure=logit&words=0&target=%20are"
+                       "&foil=%20is")
+    assert status == 200, row
+    rec = qkv.capture(smollm2, text, measures=["logit"], target=" are", foil=" is")
+    assert torch.allclose(torch.tensor(row["values"]), rec.values("logit")[0], atol=1e-4, rtol=1e-5)
+    assert abs(row["logit"]["logit_difference"] - rec.measures["logit"].info["logit_difference"]) < 1e-4
+    status, csv = call(f"{server}/api/texts/{t['id']}/row.csv?query={last}&measure=logit&words=0&target=%20are"
+                       "&foil=%20is")
+    lines = csv.strip().splitlines()
+    assert lines[0] == "key,value" and len(lines) == len(t["tokens"]) + 1
+    assert [float(x.rsplit(",", 1)[1]) for x in lines[1:]] == row["values"]
+
+
+def test_long_text_rows(server, smollm2):
+    """A 2,048-token text: the first, a middle and the last token's rows equal capture's."""
+    words = ("the river bank was steep and the old man sat on it watching boats drift past slowly " * 200).split()
+    ids = smollm2.tokenizer.encode(" ".join(words))[:2048]
+    text = smollm2.tokenizer.decode(ids)
+    t = submit(server, text)
+    n = len(t["tokens"])
+    assert n >= 2000
+    for q in (0, n // 2, n - 1):
+        status, row = call(f"{server}/api/texts/{t['id']}/row?query={q}&measure=norms&words=0&layer=20")
+        assert status == 200
+        rec = qkv.capture(smollm2, text, queries=[q], measures=["norms"], layers=[20])
+        assert torch.allclose(torch.tensor(row["values"]), rec.row(q, 20, None, "norms"), atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("path,body,status,match", [
+    ("/api/texts", {"text": "", "model": "smollm2"}, 400, "the text is empty"),
+    ("/api/texts", {"text": "word " * 9000, "model": "smollm2"}, 400, "context window is 8192"),
+    ("/api/texts", {"text": "hi", "model": "/no/such/model.gguf"}, 400, "/no/such/model.gguf"),
+    ("/api/texts", {"text": 5}, 400, 'send {"text"'),
+    ("/api/texts", b"not json", 400, "not JSON"),
+    ("/api/texts", b"x" * (2 << 20), 413, "limit"),
+    ("/api/texts/t999/row?query=0", None, 404, "submit it again"),
+])
+def test_bad_requests_are_json_errors(server, path, body, status, match):
+    got, data = call(server + path, body)
+    assert got == status and isinstance(data, dict) and match in data["error"], data
+    assert "Traceback" not in data["error"] and "\n" not in data["error"]
+
+
+def test_bad_row_parameters(server):
+    t = submit(server, TEXT)
+    for query, match in (("query=99", "outside the text"), ("query=x", "integer"), ("", "give ?query"),
+                         ("query=1&layer=30", "layer 30 is out of range"),
+                         ("query=1&measure=mixing", "need the whole text's maps"),
+                         ("query=1&measure=logit", "prediction after the text"),
+                         ("query=6&measure=logit&target=%20riverbank", "is not one token")):
+        status, data = call(f"{server}/api/texts/{t['id']}/row?{query}")
+        assert status == 400 and match in data["error"], (query, data)
+
+
+def test_cli_refuses_bad_flags(capsys):
+    assert main(["serve", "--port", "70000"]) == 2
+    assert "--port must be in 0..65535" in capsys.readouterr().err
+
+
+# --- the page in a real browser ---------------------------------------------------------------------------
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    from playwright.sync_api import sync_playwright
+
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.fail(f"{CHROMIUM} is missing: run `make setup` as root, or `apt-get install -y chromium`")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        pg = browser.new_page(accept_downloads=True)
+        errors = []
+        pg.on("pageerror", lambda e: errors.append(str(e)))
+        pg.goto(server + "/")
+        yield pg
+        browser.close()
+        assert errors == [], errors
+
+
+def _bars(pg) -> list[float]:
+    pg.wait_for_selector("#bars .bar")
+    return pg.eval_on_selector_all("#bars .bar", "els => els.map(e => Number(e.dataset.value))")
+
+
+def test_page_types_clicks_and_matches_capture(page, smollm2):
+    hostile = '<img src=x onerror="window.__pwned=1"> and </script><script>window.__pwned=2</script>'
+    text = TEXT + " " + hostile
+    page.fill("#text", text)
+    page.click("#go")
+    page.wait_for_selector("#tokens .tok")  # (selectors, not wait_for_function: the page's CSP forbids eval)
+    n = page.locator("#tokens .tok").count()
+    assert n == len(smollm2.tokenizer.encode(text))
+    page.uncheck("#words")
+    for q in (0, 6, n - 1):
+        page.click(f'#tokens .tok[data-q="{q}"]')
+        page.wait_for_selector(f'#tokens .tok.sel[data-q="{q}"]')
+        got = _bars(page)
+        want = qkv.capture(smollm2, text, queries=[q], measures=["norms"]).row(q, measure="norms")
+        assert max(abs(a - float(b)) for a, b in zip(got, want)) <= TOL
+    page.select_option("#measure", "weights")
+    page.wait_for_selector("#caption:has-text('weights')")
+    want = qkv.capture(smollm2, text, queries=[n - 1]).row(n - 1)
+    assert max(abs(a - float(b)) for a, b in zip(_bars(page), want)) <= TOL
+    assert page.evaluate("typeof window.__pwned") == "undefined"
+    assert page.locator("#tokens img, #tokens script, #bars img").count() == 0
+    assert "Attention sink" in page.inner_text("#sinknote")
+    with page.expect_download() as d:
+        page.click("#svg")
+    svg = open(d.value.path(), encoding="utf-8").read()
+    import xml.etree.ElementTree as ET
+
+    root = ET.fromstring(svg)  # parses: every label escaped
+    assert root.tag.endswith("svg") and "onerror" not in "".join(root.attrib)
+
+
+def test_page_shows_server_errors(page):
+    page.fill("#text", "")
+    page.click("#go")
+    page.wait_for_selector("#error:not([hidden])")
+    assert "the text is empty" in page.inner_text("#error")
