@@ -67,8 +67,11 @@ def selections(flags: set[str], np_found: list[str]) -> list[tuple[str, dict[str
         ("onednn-avx512-bf16", {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"},
          None if bf16 else "needs AVX512-BF16" + ("" if avx512 else f"; {need}")),
         ("onednn-amx", {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"}, None if amx else "needs AMX (amx_bf16)"),
-        ("aten-default", {"ATEN_CPU_CAPABILITY": "default"}, None),
-        ("aten-avx2", {"ATEN_CPU_CAPABILITY": "avx2"}, None),
+        # ATen's capability goes with a matching oneDNN cap, as on a real CPU of that kind: lowering ATen's alone
+        # on an AMX machine sends bf16 SDPA into oneDNN's AMX packing, which ATen then refuses (pack_vnni2) —
+        # a combination no machine has
+        ("aten-default", {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41"}, None),
+        ("aten-avx2", {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}, None),
         ("aten-avx512", {"ATEN_CPU_CAPABILITY": "avx512"}, None if avx512 else need),
         ("all-avx2", {"NPY_DISABLE_CPU_FEATURES": " ".join(np_avx512), "ONEDNN_MAX_CPU_ISA": "AVX2",
                       "ATEN_CPU_CAPABILITY": "avx2"},

@@ -11,11 +11,14 @@ API (JSON in, JSON out; errors are ``{"error": "..."}`` with a 4xx status, never
   GET  /api/texts/{id}/row?query=&measure=&layer=&head=&words=&nosink=&target=&foil=
                                         one query's bars, as `qkv explain --format json` gives them
   GET  /api/texts/{id}/row.csv?...      the same numbers as a CSV download
+  POST /api/generate {"prompt", "model", "chat", "max_new_tokens", "temperature", "seed"}
+                                        server-sent events: "token" per piece, then "done" with an id
+  GET  /api/generations/{id}/row?token=&layer=&head=
+                                        generated token i's attention at the step that produced it
 """
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import html
 import itertools
@@ -26,7 +29,7 @@ from importlib.resources import files
 import anyio
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ..errors import QkvError
@@ -46,16 +49,18 @@ class BadRequest(Exception):
 
 
 class Models:
-    """At most ``limit`` loaded models, least recently used first out; one forward at a time per model."""
+    """At most ``limit`` loaded models, least recently used first out; one forward (or generation) at a time
+    per model: the worker threads queue on the model's lock."""
 
     def __init__(self, default: str, limit: int, dtype: str = "float32"):
         self.default, self.limit, self.dtype = default, limit, dtype
         self.loaded: collections.OrderedDict[str, object] = collections.OrderedDict()
-        self.locks: dict[str, asyncio.Lock] = {}
+        self.locks: dict[str, threading.Lock] = {}
         self.guard = threading.Lock()
 
-    def lock(self, name: str) -> asyncio.Lock:
-        return self.locks.setdefault(name, asyncio.Lock())
+    def lock(self, name: str) -> threading.Lock:
+        with self.guard:
+            return self.locks.setdefault(name, threading.Lock())
 
     def get(self, name: str):
         from ..load import load
@@ -73,28 +78,33 @@ class Models:
 
 
 class Texts:
-    """The texts' states, at most ``limit`` (the oldest is dropped first), under short random-free ids."""
+    """The texts' states (or generations' records), at most ``limit``, the oldest dropped first."""
 
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.states: collections.OrderedDict[str, TextState] = collections.OrderedDict()
+    def __init__(self, limit: int, prefix: str = "t"):
+        self.limit, self.prefix = limit, prefix
+        self.states: collections.OrderedDict[str, object] = collections.OrderedDict()
         self.counter = itertools.count(1)
+        self.guard = threading.Lock()
 
-    def add(self, state: TextState) -> str:
-        key = f"t{next(self.counter)}"
+    def add(self, state) -> str:
+        with self.guard:
+            return self._add(state)
+
+    def _add(self, state) -> str:
+        key = f"{self.prefix}{next(self.counter)}"
         self.states[key] = state
         while len(self.states) > self.limit:
             self.states.popitem(last=False)
         return key
 
-    def get(self, key: str) -> TextState:
+    def get(self, key: str):
         if key not in self.states:
-            raise BadRequest(f"text {key!r} is not (or no longer) kept on the server: submit it again", 404)
+            raise BadRequest(f"{key!r} is not (or no longer) kept on the server: submit it again", 404)
         return self.states[key]
 
 
 def make_app(*, model: str = "smollm2", max_models: int = 2, max_texts: int = 4) -> Starlette:
-    models, texts = Models(model, max_models), Texts(max_texts)
+    models, texts, generations = Models(model, max_models), Texts(max_texts), Texts(max_texts, prefix="g")
 
     async def page(request: Request) -> Response:
         return Response(_page(model), media_type="text/html; charset=utf-8",
@@ -116,11 +126,14 @@ def make_app(*, model: str = "smollm2", max_models: int = 2, max_texts: int = 4)
         text, name = body.get("text"), body.get("model") or model
         if not isinstance(text, str) or not isinstance(name, str):
             raise BadRequest('send {"text": "...", "model": "..."} with strings')
-        async with models.lock(name):  # one forward at a time per model; the queue is this lock's
-            if await request.is_disconnected():
-                raise BadRequest("the client went away before its turn", 499)
-            loaded = await anyio.to_thread.run_sync(models.get, name)
-            state = await anyio.to_thread.run_sync(TextState, loaded, text)
+        if await request.is_disconnected():
+            raise BadRequest("the client went away", 499)
+
+        def forward():
+            with models.lock(name):  # one forward at a time per model; waiting threads queue here
+                loaded = models.get(name)
+                return loaded, TextState(loaded, text)
+        loaded, state = await anyio.to_thread.run_sync(forward)
         key = texts.add(state)
         return JSONResponse({"id": key, "model": loaded.name, "tokens": state.tokens, "words": state.spans,
                              "word_labels": _word_labels(state), "layers": state.n_layers, "heads": state.n_heads,
@@ -137,9 +150,25 @@ def make_app(*, model: str = "smollm2", max_models: int = 2, max_texts: int = 4)
         return Response("\n".join(lines) + "\n", media_type="text/csv; charset=utf-8",
                         headers={"Content-Disposition": 'attachment; filename="qkv-row.csv"'})
 
+    async def generate(request: Request) -> Response:
+        body = await _json_body(request)
+        opts = _generation_options(body)
+        name = body.get("model") or model
+        if not isinstance(name, str):
+            raise BadRequest("model must be a string")
+        events = _generation_events(models, generations, name, opts)
+        first = await anyio.to_thread.run_sync(next, events)  # load errors answer as a 4xx, not a stream
+        return StreamingResponse(itertools.chain([first], events), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-store"})
+
+    async def generation_row(request: Request) -> Response:
+        return JSONResponse(await anyio.to_thread.run_sync(_generation_row, generations, dict(request.query_params),
+                                                           request.path_params["id"]))
+
     routes = [Route("/", page), Route("/static/{name}", static), Route("/api/models", list_models),
               Route("/api/texts", submit, methods=["POST"]), Route("/api/texts/{id}/row", row),
-              Route("/api/texts/{id}/row.csv", row_csv)]
+              Route("/api/texts/{id}/row.csv", row_csv), Route("/api/generate", generate, methods=["POST"]),
+              Route("/api/generations/{id}/row", generation_row)]
     app = Starlette(routes=routes, exception_handlers={BadRequest: _bad, QkvError: _user_error,
                                                        Exception: _server_error})
     app.state.models, app.state.texts = models, texts
@@ -193,6 +222,68 @@ def _row(texts: Texts, params: dict, key: str) -> dict:
     if measure == "logit":
         out["logit"] = view.measure("logit").info
     return out
+
+
+MAX_NEW_TOKENS = 256
+
+
+def _generation_options(body: dict) -> dict:
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise BadRequest("give a prompt: a non-empty string")
+    n = body.get("max_new_tokens", 32)
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_NEW_TOKENS:
+        raise BadRequest(f"max_new_tokens must be an integer in 1..{MAX_NEW_TOKENS}, got {n!r}")
+    temperature = body.get("temperature", 0)
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool):
+        raise BadRequest(f"temperature must be a number, got {temperature!r}")
+    seed = body.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise BadRequest(f"seed must be an integer, got {seed!r}")
+    return {"prompt": prompt, "chat": bool(body.get("chat", False)), "max_new_tokens": n,
+            "temperature": float(temperature), "seed": seed}
+
+
+def _generation_events(models: Models, generations: Texts, name: str, opts: dict):
+    """Server-sent events of one generation: an opening "start", a "token" per piece, then "done" (or an
+    "error" line once the stream has begun). The model's lock is held for the whole generation."""
+    from ..explain.capture import capture_generation
+
+    def sse(event: str, data: dict) -> str:
+        return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+    with models.lock(name):
+        loaded = models.get(name)
+        yield sse("start", {"model": loaded.name})
+        prompt = opts["prompt"] if not opts["chat"] else [{"role": "user", "content": opts["prompt"]}]
+        try:
+            for piece, rec in capture_generation(loaded, prompt, chat=opts["chat"], temperature=opts["temperature"],
+                                                 max_new_tokens=opts["max_new_tokens"], seed=opts["seed"]):
+                if piece is not None:
+                    yield sse("token", {"text": piece.text, "id": piece.token_id})
+                else:
+                    key = generations.add(rec)
+                    first = rec.queries[0] + 1 if rec.queries else len(rec.key_tokens)
+                    yield sse("done", {"id": key, "tokens": rec.key_tokens, "first_generated": first,
+                                       "roles": rec.key_roles, "layers": len(rec.layers), "heads": len(rec.heads)})
+        except QkvError as e:
+            yield sse("error", {"error": str(e).splitlines()[0]})
+
+
+def _generation_row(generations: Texts, params: dict, key: str) -> dict:
+    """Generated token i's row: the query that produced it (the position before it), at that step."""
+    rec = generations.get(key)
+    token = _int(params, "token")
+    layer, head = _int(params, "layer"), _int(params, "head")
+    if token is None or not 0 <= token < len(rec.queries):
+        raise BadRequest(f"give ?token=I for a generated token, 0..{len(rec.queries) - 1}")
+    for what, value, n in (("layer", layer, len(rec.layers)), ("head", head, len(rec.heads))):
+        if value is not None and not 0 <= value < n:
+            raise BadRequest(f"{what} {value} is out of range: the model has {n} {what}s, numbered 0..{n - 1}")
+    labels, values, own = rec.chart([rec.queries[token]], layer=layer, head=head, words=False)
+    return {"keys": labels, "values": [float(v) for v in values], "own": own, "positions": [rec.queries[token]],
+            "measure": "weights", "definition": DEFINITIONS["weights"] + "; row = the query that produced the token",
+            "roles": rec.key_roles, "sinks": [], "sink_removed": False}
 
 
 def _int(params: dict, name: str) -> int | None:
@@ -262,6 +353,11 @@ _PAGE = """<!DOCTYPE html>
 </section>
 <p id="sinknote" class="notice" hidden></p>
 <section aria-label="text"><h2>Text — click a token</h2><div id="tokens"></div></section>
+<section aria-label="generate"><h2>Generate — click a generated token to see its attention at the step that
+ produced it</h2>
+ <input id="prompt" size="60" placeholder="a prompt"> <label><input type="checkbox" id="chat"> chat</label>
+ <label>tokens <input id="ntok" type="number" min="1" max="256" value="24"></label> <button id="gen">Generate</button>
+ <div id="gentokens"></div></section>
 <section aria-label="bars"><h2 id="caption"></h2><p id="definition"></p><div id="bars"></div></section>
 <script src="/static/serve.js"></script>
 </body>

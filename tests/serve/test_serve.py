@@ -216,3 +216,69 @@ def test_page_shows_server_errors(page):
     page.click("#go")
     page.wait_for_selector("#error:not([hidden])")
     assert "the text is empty" in page.inner_text("#error")
+
+
+def _events(server, body) -> list[tuple[str, dict]]:
+    req = urllib.request.Request(f"{server}/api/generate", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=300) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        raw = r.read().decode()
+    out = []
+    for block in raw.strip().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in block.splitlines())
+        out.append((lines["event"], json.loads(lines["data"])))
+    return out
+
+
+def test_generation_streams_and_each_token_row_equals_capture_generation(server, smollm2):
+    events = _events(server, {"prompt": "Name a colour.", "chat": True, "max_new_tokens": 5, "temperature": 0})
+    kinds = [e for e, _ in events]
+    assert kinds[0] == "start" and kinds[-1] == "done" and set(kinds[1:-1]) == {"token"}
+    done = events[-1][1]
+    pieces, record = [], None
+    for piece, rec in qkv.capture_generation(smollm2, [{"role": "user", "content": "Name a colour."}], chat=True,
+                                             temperature=0, max_new_tokens=5):
+        pieces.append(piece) if piece is not None else None
+        record = rec or record
+    assert "".join(d["text"] for e, d in events if e == "token") == "".join(p.text for p in pieces)
+    assert done["tokens"] == record.key_tokens
+    for i in range(len(record.queries)):
+        status, row = call(f"{server}/api/generations/{done['id']}/row?token={i}&layer=12")
+        assert status == 200, row
+        assert torch.allclose(torch.tensor(row["values"]), record.row(record.queries[i], 12), atol=TOL, rtol=0)
+        assert row["positions"] == [record.queries[i]]
+    status, data = call(f"{server}/api/generations/{done['id']}/row?token=99")
+    assert status == 400 and "generated token" in data["error"]
+
+
+@pytest.mark.parametrize("body,match", [
+    ({"prompt": ""}, "give a prompt"),
+    ({"prompt": "hi", "max_new_tokens": 0}, "max_new_tokens must be an integer in 1..256"),
+    ({"prompt": "hi", "temperature": "hot"}, "temperature must be a number"),
+    ({"prompt": "hi", "model": "/no/such/model.gguf"}, "/no/such/model.gguf"),
+])
+def test_bad_generation_requests(server, body, match):
+    status, data = call(f"{server}/api/generate", body)
+    assert status == 400 and match in data["error"], data
+
+
+def test_page_streams_a_generation_and_shows_a_generated_token(page, smollm2):
+    page.fill("#prompt", "Once upon a time")
+    page.fill("#ntok", "4")
+    page.click("#gen")
+    page.wait_for_selector("#gentokens .tok.gen")
+    n = page.locator("#gentokens .tok.gen").count()
+    assert 1 <= n <= 4
+    page.select_option("#layer", "-1")
+    page.select_option("#head", "-1")
+    page.click('#gentokens .tok.gen[data-g="1"]' if n > 1 else '#gentokens .tok.gen[data-g="0"]')
+    page.wait_for_selector("#gentokens .tok.gen.sel")
+    got = _bars(page)
+    record = None
+    for _, rec in qkv.capture_generation(smollm2, "Once upon a time", temperature=0, max_new_tokens=4):
+        record = rec or record
+    i = 1 if n > 1 else 0
+    want = record.row(record.queries[i])
+    assert max(abs(a - float(b)) for a, b in zip(got, want)) <= TOL
+    assert "generated" in page.inner_text("#caption")

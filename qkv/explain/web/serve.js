@@ -6,7 +6,7 @@
 (function () {
   const $ = (id) => document.getElementById(id);
   const BLOCK = 400;  // tokens per block of the token strip; blocks out of view hold no token elements
-  const ST = {text: null, query: null, row: null};
+  const ST = {text: null, query: null, row: null, gen: null, genToken: null, source: "text"};
 
   function el(tag, cls, text) {
     const e = document.createElement(tag);
@@ -110,7 +110,7 @@
     return p;
   }
   async function select(q) {
-    ST.query = q;
+    ST.query = q; ST.source = "text";
     showError("");
     try {
       ST.row = await call("/api/texts/" + ST.text.id + "/row?" + rowParams());
@@ -140,7 +140,9 @@
     });
     const where = ($("layer").value === "-1" ? "all layers" : "layer " + $("layer").value) + ", " +
                   ($("head").value === "-1" ? "all heads" : "head " + $("head").value);
-    const who = ST.text.tokens.slice(r.positions[0], r.positions[r.positions.length - 1] + 1).join("");
+    const tokens = ST.source === "gen" ? ST.gen.tokens : ST.text.tokens;
+    const who = ST.source === "gen" ? tokens[r.positions[0] + 1] + " (generated; its row = the query before it)"
+                                    : tokens.slice(r.positions[0], r.positions[r.positions.length - 1] + 1).join("");
     $("caption").textContent = "\u201c" + visible(who) + "\u201d \u2014 " + r.measure + ", " + where +
       ($("words").checked ? ", word view" : ", token view") + (r.sink_removed ? ", first token removed" : "");
     let def = r.definition;
@@ -148,6 +150,68 @@
       JSON.stringify(r.logit.foil) : "") + ": logit difference " + r.logit.logit_difference.toFixed(3) +
       ", remainder (MLPs, biases) " + r.logit.remainder.toFixed(3);
     $("definition").textContent = def;
+  }
+
+  // -- generation: server-sent events, then every generated token clickable --------------------------------
+  async function generate() {
+    showError("");
+    $("gen").disabled = true;
+    const box = $("gentokens");
+    box.replaceChildren();
+    try {
+      const r = await fetch("/api/generate", {method: "POST", headers: {"Content-Type": "application/json"},
+        body: JSON.stringify({prompt: $("prompt").value, model: $("model").value, chat: $("chat").checked,
+                              max_new_tokens: Number($("ntok").value), temperature: 0})});
+      if (!r.ok) throw new Error((await r.json().catch(() => ({}))).error || ("status " + r.status));
+      const reader = r.body.getReader(), dec = new TextDecoder();
+      let buf = "";
+      for (;;) {
+        const {value, done} = await reader.read();
+        if (done) break;
+        buf += dec.decode(value, {stream: true});
+        let cut;
+        while ((cut = buf.indexOf("\n\n")) >= 0) {
+          onEvent(buf.slice(0, cut)); buf = buf.slice(cut + 2);
+        }
+      }
+    } catch (e) {
+      showError(e.message);
+    } finally {
+      $("gen").disabled = false;
+    }
+  }
+  function onEvent(block) {
+    const ev = /^event: (.*)$/m.exec(block), data = /^data: (.*)$/m.exec(block);
+    if (!ev || !data) return;
+    const d = JSON.parse(data[1]);
+    if (ev[1] === "token") $("gentokens").appendChild(el("span", "tok", visible(d.text)));
+    else if (ev[1] === "error") showError(d.error);
+    else if (ev[1] === "done") {
+      ST.gen = d;
+      if (!ST.text) { fillSelect("layer", d.layers, "layer"); fillSelect("head", d.heads, "head"); }
+      const box = $("gentokens");
+      box.replaceChildren();
+      d.tokens.forEach((t, i) => {
+        const s = el("span", i >= d.first_generated ? "tok q gen" : "tok", visible(t));
+        if (i >= d.first_generated) s.dataset.g = String(i - d.first_generated);
+        box.appendChild(s);
+      });
+    }
+  }
+  async function selectGenerated(i) {
+    ST.genToken = i; ST.source = "gen";
+    showError("");
+    const p = new URLSearchParams({token: String(i)});
+    if ($("layer").value !== "-1") p.set("layer", $("layer").value);
+    if ($("head").value !== "-1") p.set("head", $("head").value);
+    try {
+      ST.row = await call("/api/generations/" + ST.gen.id + "/row?" + p);
+      drawBars();
+      document.querySelectorAll("#gentokens .tok.sel").forEach((s) => s.classList.remove("sel"));
+      $("gentokens").querySelector('.tok[data-g="' + i + '"]').classList.add("sel");
+    } catch (e) {
+      showError(e.message);
+    }
   }
 
   // -- exports ------------------------------------------------------------------------------------------
@@ -195,9 +259,19 @@
       if (t && ST.text) select(Number(t.dataset.q));
     });
     ["measure", "layer", "head", "words", "nosink"].forEach((id) => $(id).addEventListener("change", () => {
-      if (ST.text && ST.query !== null) select(ST.query);
+      if (ST.source === "gen" && ST.gen && ST.genToken !== null) selectGenerated(ST.genToken);
+      else if (ST.text && ST.query !== null) select(ST.query);
     }));
-    $("csv").addEventListener("click", () => { if (ST.row) location.href = "/api/texts/" + ST.text.id + "/row.csv?" + rowParams(); });
+    $("gen").addEventListener("click", generate);
+    $("gentokens").addEventListener("click", (e) => {
+      const t = e.target.closest(".tok.gen");
+      if (t && ST.gen) selectGenerated(Number(t.dataset.g));
+    });
+    $("csv").addEventListener("click", () => {
+      if (ST.row && ST.source === "text") location.href = "/api/texts/" + ST.text.id + "/row.csv?" + rowParams();
+      else if (ST.row) download("qkv-row.csv", "text/csv", "key,value\n" + ST.row.keys.map((k, i) =>
+        JSON.stringify(k) + "," + ST.row.values[i]).join("\n") + "\n");
+    });
     $("json").addEventListener("click", () => { if (ST.row) download("qkv-row.json", "application/json", JSON.stringify(ST.row, null, 1)); });
     $("svg").addEventListener("click", () => { if (ST.row) download("qkv-row.svg", "image/svg+xml", svgText()); });
   }
