@@ -333,8 +333,9 @@ def _row_scores(q, k, rows, mask, causal, scale, window):
     qr = q[:, :, idx].to(dt)  # (B, H, R, D)
     kf = _expand_kv(k, h).to(dt)  # (B, H, S, D)
     sc = torch.matmul(qr, kf.transpose(-2, -1)) * scale  # (B, H, R, S)
-    full = structural_mask(t, s, causal=causal, window=window, device=q.device)
-    full = None if full is None else full[idx]
+    lo, hi = (int(idx.min()), int(idx.max()) + 1) if idx.numel() else (0, 0)
+    full = structural_mask(t, s, causal=causal, window=window, device=q.device, q_start=lo, q_len=hi - lo)
+    full = None if full is None else full[idx - lo]  # only the rows' span: a click's row never builds T x S
     if mask is not None:
         user = mask.expand(*mask.shape[:-2], t, s)[..., idx, :]
         full = combine(user, full)
