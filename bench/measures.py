@@ -22,15 +22,9 @@ import subprocess
 import sys
 import time
 
+from capture import _kb  # bench/capture.py's /proc/self/status reader (this script's folder is on sys.path)
+
 MEASURES = ["weights", "norms", "logit", "mixing", "rollout", "alti-logit"]
-
-
-def _kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1])
-    raise RuntimeError(field)
 
 
 def _runners(t: int):

@@ -7,7 +7,7 @@ queries, keys and values exactly as the attention core received them makes each 
 product per key (qkv.nn.attention.weight_rows) — the same numbers `qkv explain` records — without running
 the model again. Kept per text, float32: q (L, H, T, D), k and v (L, K, T, D), and what the norms need
 for any row in O(L·H·T + L·T·H²): each key's value norm per head and its per-key Gram matrix of head
-outputs (qkv.explain.measures). For SmolLM2 at 8,192 tokens that is ~0.95 GiB of q/k/v and ~0.09 GiB of
+outputs (qkv.explain.measures). For SmolLM2 at 8,192 tokens that is ~0.88 GiB of q/k/v and ~0.08 GiB of
 norms' tables. The logit measure is kept for the prediction after the text (the last position): the
 embedding, the MLPs' updates and the final state at that row.
 """
