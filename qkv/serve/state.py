@@ -51,6 +51,9 @@ class TextState:
     """A text after one forward of a loaded model: tokens, words, sinks, and the tensors every row needs."""
 
     def __init__(self, loaded, text: str):
+        if hasattr(loaded.config, "n_decoder_layers"):
+            raise InputError(f"{loaded.name} is an encoder–decoder: the live explorer shows self-attention models; "
+                             "see its cross-attention with qkv explain TEXT --model RUN")
         ids, offsets, special = check_context(loaded, text)
         keep = _Keep()
         causal = _kind(loaded) == "causal"

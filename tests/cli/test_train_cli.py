@@ -78,6 +78,15 @@ def test_explain_shows_the_cross_attention_of_a_trained_run(reverse_run, tmp_pat
     assert data["measure"] == "norms" and set(data["measures"]) == {"norms"}  # the default measure
 
 
+def test_live_explorer_refuses_an_encoder_decoder_in_one_line(reverse_run):
+    import qkv
+    from qkv.errors import InputError
+    from qkv.serve.state import TextState
+
+    with pytest.raises(InputError, match="is an encoder–decoder: the live explorer shows self-attention models"):
+        TextState(qkv.load(str(reverse_run)), "abc")
+
+
 def test_cross_attention_norms_and_refused_measures(reverse_run, capsys):
     """Cross-attention gives weights and norms (‖α·W_O v‖ over the source tokens); mixing, rollout and logit
     follow a residual stream the encoder–decoder's capture does not trace: one line, exit 2."""
