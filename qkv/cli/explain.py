@@ -184,6 +184,8 @@ def _run_cross(loaded, args) -> int:
         raise InputError("--no-sink and --heatmap are for self-attention; an encoder–decoder's cross-attention "
                          "is shown as a heatmap already, with no sink token to drop")
     measures = _measures(args)
+    if args.measure.strip() == "all":
+        measures = [m for m in measures if m in CROSS_MEASURES]
     output, rec = capture_cross(loaded, args.text, layers=None if args.html else _one(args.layer),
                                 heads=None if args.html else _one(args.head), measures=measures)
     w = rec.values(measures[0], args.layer, args.head)  # (Q, S)
@@ -193,7 +195,12 @@ def _run_cross(loaded, args) -> int:
             f"layer {rec.layers[0]}" if len(rec.layers) == 1 else f"mean of {len(rec.layers)} layers"
         who = f"head {args.head}" if args.head is not None else "norm of the sum over heads"
         what = f"norms ‖α·W_O v‖ as shares, {where}, {who}"
+    if measures[0] == "mixing":
+        what = f"mixing (ALTI) of layer {args.layer}'s cross-attention, the rest is the decoder's residual" \
+            if args.layer is not None else "mixing (ALTI+) through every layer: each output state's source part, " \
+            "the rest is the target prefix's"
     query = _output_position(rec, args.token, args.occurrence) if args.token else None
+    rest = _cross_rest(rec, args.layer) if "mixing" in measures else None  # (Q,) the part no source token has
     if args.format == "json":
         from ..explain.measures import DEFINITIONS
 
@@ -203,7 +210,9 @@ def _run_cross(loaded, args) -> int:
                           "keys": rec.key_tokens, "measure": measures[0],
                           "weights": rows(rec.values("weights", args.layer, args.head)),
                           "measures": {m: {"definition": DEFINITIONS[m], "values": rows(rec.values(m, args.layer,
-                                                                                                  args.head))}
+                                                                                                  args.head)),
+                                           **({"residual" if args.layer is not None else "target_share":
+                                               [round(float(v), 6) for v in rest]} if m == "mixing" else {})}
                                        for m in measures}}, ensure_ascii=False))
     elif query is None:
         sys.stdout.write(f"{args.text!r} -> {output!r}\n\n" + heatmap(
@@ -212,6 +221,10 @@ def _run_cross(loaded, args) -> int:
     else:
         sys.stdout.write(f"{args.text!r} -> {output!r}\n\n" + bar_chart(
             rec.key_tokens, w[query], title=f"output {args.token!r} attends to — {rec.model}, {what}, cross-attention"))
+        if measures[0] == "mixing":
+            whose = "the decoder's own state (residual)" if args.layer is not None else \
+                "the target prefix (<bos> and the outputs before it)"
+            sys.stdout.write(f"  {whose} makes up the remaining {float(rest[query]):.3f}\n")
     if args.png:
         from ..explain.render_png import bar_chart_png, heatmap_png
 
@@ -226,6 +239,15 @@ def _run_cross(loaded, args) -> int:
         write_text(args.html, explorer_html(rec, title=f"qkv explain — {rec.model} (cross-attention)",
                                             query=query if query is not None else 0, measure=measures[0]))
     return 0
+
+
+CROSS_MEASURES = ("weights", "norms", "mixing")  # what an encoder–decoder's cross-attention gives
+
+
+def _cross_rest(rec, layer):
+    """Per output token, the share no source token has: the residual's at one layer, else the target prefix's."""
+    info = rec.measure("mixing").info
+    return info["residual"][rec.index_of_layer(layer)] if layer is not None else info["target_share"]
 
 
 def _one(i):

@@ -73,8 +73,8 @@ def capture(loaded, text: str, *, layers: Iterable[int] | None = None, heads: It
     """Attention of ``text`` in a loaded model: weights (L, H, Q, T) of the chosen layers, heads and query
     positions (None = all), with the tokens, their word spans, and the model's name.
 
-    ``measures``: any of weights, norms, mixing, rollout, logit (qkv.explain.measures), computed in the same
-    forward pass while the model runs its fast kernels; ``record.values(name, layer, head)`` reads them.
+    ``measures``: any of weights, norms, mixing, rollout, logit, alti-logit (qkv.explain.measures), computed in
+    the same forward pass while the model runs its fast kernels; ``record.values(name, layer, head)`` reads them.
     Whenever a model hands over its values, the per-head norms are computed too and ``record.sinks`` lists
     the attention sinks. ``logit`` explains the next-token prediction at the last captured query:
     ``target`` (default: the model's top token there) against ``foil`` (default: none, the target's logit
@@ -98,7 +98,8 @@ def capture(loaded, text: str, *, layers: Iterable[int] | None = None, heads: It
     from .trace import MeasureObserver
 
     obs = MeasureObserver(layers, heads, queries, wanted, logit_row=queries[-1])  # the prediction row: the last
-    causal_lm = _kind(loaded) == "causal"  # its logits are needed at the prediction row alone (logit measure)
+    kind = _kind(loaded)
+    causal_lm = kind == "causal"  # its logits are needed at the prediction row alone (logit measure)
     with exact_weights(loaded.model):  # a dtype="auto" model's compact copies would serve a short text
         loaded.model(torch.tensor([ids], device=loaded.device), observer=obs,
                      **({"last_only": True} if causal_lm else {}))
@@ -106,8 +107,8 @@ def capture(loaded, text: str, *, layers: Iterable[int] | None = None, heads: It
     weights = torch.stack([obs.per_head["weights"][layer] for layer in layers]).cpu()  # (L, H, Q, T)
     check_finite_rows(weights)
     value_norms = torch.stack([obs.value_norms[layer] for layer in layers]).cpu()  # (L, H, T)
-    sinks = find_sinks(weights, value_norms, queries, tokens, causal=_kind(loaded) == "causal")
-    return AttentionRecord(weights, tokens, tokens, queries, layers, heads, kind=_kind(loaded), model=loaded.name,
+    sinks = find_sinks(weights, value_norms, queries, tokens, causal=causal_lm)
+    return AttentionRecord(weights, tokens, tokens, queries, layers, heads, kind=kind, model=loaded.name,
                            key_words=spans, query_words=spans, measures=maps, sinks=sinks)
 
 
@@ -223,14 +224,15 @@ def capture_generation(loaded, prompt: str | Sequence[Mapping[str, Any]], *, cha
 class _StepObserver(RowObserver):
     """Keeps the newest query's row at every forward call: the prefill's last row, then each step's."""
 
-    def __init__(self, layers, heads, norms: bool = False):
+    def __init__(self, layers, heads, norms: bool = False, only_site: str | None = None):
         super().__init__(layers, heads, "last")
+        self.only_site = only_site  # the encoder–decoder's decoder: its cross-attention only
         self.steps: list[dict[int, torch.Tensor]] = []
         self.norms = norms  # also each step's norms (per head and per layer) from its values
         self.norm_steps: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = []
 
     def __call__(self, q, k, *, mask=None, causal=False, v=None, out_proj=None, **_):
-        if self.layer not in self.layers:
+        if self.layer not in self.layers or self.only_site not in (None, self.site):
             return
         if self.layer == min(self.layers):
             self.steps.append({})
@@ -308,24 +310,34 @@ def capture_cross(loaded, text: str, *, layers: Iterable[int] | None = None, hea
     how much the decoder query that produced it attends to each source token (kind "cross").
 
     Returns ``(output text, record)``; the record's query tokens are the output tokens (ending with
-    ``<eos>`` when the model stopped), its key tokens the source tokens (ending with ``<eos>``)."""
+    ``<eos>`` when the model stopped), its key tokens the source tokens (ending with ``<eos>``).
+
+    ``measures``: weights, norms (‖α·W_O v‖ per head and per layer) and mixing — per layer the cross-attention's
+    ALTI shares of the source positions (``info["residual"]``: the decoder state's own share), and as the model
+    view each output state's composition over the source tokens through encoder and decoder (ALTI+;
+    ``info["target_share"]``: the part made of <bos> and the earlier outputs)."""
     if not isinstance(text, str) or not text:
         raise InputError("the text is empty: give a source string for the encoder–decoder")
     model, vocab = loaded.model, loaded.tokenizer
     layers, heads = _check_selection(loaded, layers, heads)
-    wanted = {measures} if isinstance(measures, str) else set(measures)
-    if wanted - {"weights", "norms"}:
-        raise InputError(f"{', '.join(sorted(wanted - {'weights', 'norms'}))}: an encoder–decoder's cross-attention "
-                         "gives weights and norms (mixing, rollout and logit follow a decoder-only or encoder "
-                         "model's residual stream)")
+    wanted = _check_cross_measures(measures)
     src_ids = vocab.encode(text) + [vocab.eos_id]
     src = torch.tensor([src_ids], device=loaded.device)  # (1, S)
-    memory = model.encode(src)
+    mix = None
+    if "mixing" in wanted:  # ALTI through the encoder first: what each source position's memory is made of
+        from .trace import CrossMixing, MeasureObserver
+
+        enc = MeasureObserver([], [], [], {"mixing"})
+        memory = model.encode(src, observer=enc)
+        mix = CrossMixing(loaded.config.n_decoder_layers, enc.mix_total, len(src_ids) + max_new_tokens + 1)
+    else:
+        memory = model.encode(src)
     caches = model.make_caches(1, max_new_tokens + 1, src.shape[1])
-    obs = _StepObserver(layers, heads, norms="norms" in wanted)
+    obs = _StepObserver(layers, heads, norms="norms" in wanted, only_site="cross")
+    watch = obs if mix is None else _Fanout(obs, mix)
     out, nxt = [], torch.tensor([[vocab.bos_id]], device=loaded.device)  # (1, 1)
     for _ in range(max_new_tokens):
-        nxt = model.decode(nxt, memory, caches=caches, observer=obs)[:, -1].argmax(-1, keepdim=True)  # (1, 1)
+        nxt = model.decode(nxt, memory, caches=caches, observer=watch)[:, -1].argmax(-1, keepdim=True)  # (1, 1)
         out.append(int(nxt))
         if out[-1] == vocab.eos_id:
             break
@@ -338,7 +350,53 @@ def capture_cross(loaded, text: str, *, layers: Iterable[int] | None = None, hea
         per_head = torch.stack([torch.stack([s[layer][0] for layer in layers]) for s in steps], 2)  # (L, H, Q, S)
         per_layer = torch.stack([torch.stack([s[layer][1] for layer in layers]) for s in steps], 1)  # (L, Q, S)
         maps["norms"] = MeasureMap("norms", heads=per_head.cpu(), layers=per_layer.cpu())
+    if mix is not None:
+        maps["mixing"] = _cross_mixing_map(mix, layers, len(out))
     record = AttentionRecord(w, q_tokens, k_tokens, list(range(len(out))), layers, heads, kind="cross",
                              model=loaded.name, note="row i = the decoder query that produced output token i",
                              measures=maps)
     return vocab.decode(out), record
+
+
+def _check_cross_measures(measures) -> set[str]:
+    from .measures import MEASURES
+
+    wanted = {measures} if isinstance(measures, str) else set(measures)
+    bad = sorted(wanted - set(MEASURES))
+    if bad or not wanted:
+        raise InputError(f"unknown measure {bad[0] if bad else '(none)'!r}: choose from weights, norms, mixing")
+    other = sorted(wanted - {"weights", "norms", "mixing"})
+    if other:
+        raise InputError(f"{', '.join(other)}: an encoder–decoder's cross-attention gives weights, norms and mixing "
+                         "(rollout composes one stack of self-attention; the logit measures explain a decoder-only "
+                         "model's next token)")
+    return wanted | {"weights"}
+
+
+def _cross_mixing_map(mix, layers: list[int], n_out: int) -> MeasureMap:
+    """Per layer the cross-attention's source shares (L, Q, S), each row summing to 1 − its residual share;
+    the model view (Q, S) the final decoder state's source part (ALTI+), the rest being the target prefix's."""
+    s = mix.n_source
+    cross = torch.stack([torch.stack(step) for step in mix.cross[:n_out]])  # (Q, L_all, S + 1)
+    final = torch.stack(mix.final[:n_out])  # (Q, W)
+    sel = cross[:, layers]  # (Q, L, S + 1)
+    info = {"residual": sel[..., -1].T.cpu(), "target_share": final[:, s:].sum(-1).cpu(),
+            "source_share": final[:, :s].sum(-1).cpu()}
+    return MeasureMap("mixing", layers=sel[..., :-1].permute(1, 0, 2).cpu(), model=final[:, :s].cpu(), info=info)
+
+
+class _Fanout(AttentionObserver):
+    """Hands every call to several observers, with the layer and site the model set."""
+
+    def __init__(self, *observers: AttentionObserver):
+        self.observers = observers
+
+    def __call__(self, q, k, **kw):
+        for o in self.observers:
+            o.layer, o.site = self.layer, self.site
+            o(q, k, **kw)
+
+    def residual(self, x, z, **kw):
+        for o in self.observers:
+            o.layer, o.site = self.layer, self.site
+            o.residual(x, z, **kw)

@@ -24,6 +24,16 @@ its norms — evaluated next to the fast kernels, never instead of them:
       scale σ(z_i) is fixed at the value the model computed, so
       T_i(x_j) = γ ⊙ (t_ij − mean(t_ij)) / σ(z_i) with t_ij = Σ_h α^h_ij W_O^h v^h_j + [i = j] x_i, and
       b_i = γ ⊙ (b_O − mean(b_O)) / σ(z_i) + β (value biases are inside v, so they travel with their token).
+    - the encoder–decoder's cross-attention (pre- or post-norm): the keys are the encoder's output at the
+      source tokens, and the decoder's own state x_i reaches y_i through the residual alone, so
+      T_i(m_j) = Σ_h α^h_ij W_O^h v^h_j for each source position j and T_i(residual) = x_i, a column of its
+      own (the post-norm case linearised as for BERT). A row's source shares sum to 1 − its residual share.
+      Whole-model (ALTI+, Ferrando et al. 2022, "Towards Opening the Black Box of NMT"): each decoder state
+      is a mixture of source tokens and target-side input tokens (<bos> and the tokens generated so far);
+      the decoder's self-attention mixes the target positions' mixtures (as in a Llama block), its
+      cross-attention adds each source position's encoder mixture (the encoder's own ALTI map) with its
+      share, and the residual share keeps the state's own. The model view is the final state's source part;
+      the rest is the target prefix's share.
   The feed-forward acts on each position alone and moves nothing between tokens, so a layer's mixing
   matrix is its attention sublayer's. Across layers the maps compose: M^l = C^l · M^(l−1) (ALTI's
   rollout), the whole-model map of how much each input token makes up each position's final state.
@@ -127,6 +137,21 @@ def token_vectors(alpha: torch.Tensor, f: torch.Tensor, x: torch.Tensor, rows: t
     if norm is None:
         return t
     return _layer_norm_linear(t, z[rows], norm)
+
+
+def step_token_vectors(alpha: torch.Tensor, f: torch.Tensor, x: torch.Tensor, own: int | None,
+                       norm: torch.nn.Module | None = None, z: torch.Tensor | None = None) -> torch.Tensor:
+    """T_i(x_j) of one query row (S or S + 1, C): alpha (H, S), f (H, S, C), x (C,) the row's residual input.
+
+    ``own``: the key that is the query's own position (self-attention: the residual joins that key); None
+    (cross-attention): the residual is a column of its own, after the S keys. A post-norm block's ``norm``
+    is linearised at its input z (C,), as in :func:`token_vectors`."""
+    t = torch.einsum("hs,hsc->sc", alpha, f)  # (S, C)
+    if own is None:
+        t = torch.cat([t, x[None]])
+    else:
+        t[own] += x
+    return t if norm is None else _layer_norm_linear(t[None], z[None], norm)[0]
 
 
 def _layer_norm_linear(t: torch.Tensor, z: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:

@@ -143,3 +143,49 @@ class MeasureObserver(AttentionObserver):
     def model_rows(self, name: str) -> torch.Tensor:
         total = self.mix_total if name == "mixing" else self.roll_total
         return total[torch.tensor(self.rows)]
+
+
+class CrossMixing(AttentionObserver):
+    """ALTI through an encoder–decoder, one greedy step (one new decoder row) at a time (qkv.explain.measures,
+    "the encoder–decoder's cross-attention"). Columns of a composition: the S source tokens, then the target
+    inputs (<bos> and each generated token) up to ``width``.
+
+    ``encoder_map`` (S, S): the encoder's whole-model mixing (MeasureObserver over ``encode``). After the
+    decode, ``cross[step]`` (L, S + 1) holds each layer's cross-attention shares (the source positions, then
+    the residual) and ``final[step]`` (width,) the composition of the decoder's last state."""
+
+    def __init__(self, n_layers: int, encoder_map: torch.Tensor, width: int):
+        s = encoder_map.shape[0]
+        self.source = torch.cat([encoder_map, encoder_map.new_zeros(s, width - s)], 1)  # (S, W)
+        self.width, self.n_source = width, s
+        self.inputs: list[list[torch.Tensor]] = [[] for _ in range(n_layers + 1)]  # state entering layer l, per pos
+        self.cross: list[list[torch.Tensor]] = []
+        self.final: list[torch.Tensor] = []
+        self.pending: tuple | None = None
+        self.after_self: torch.Tensor | None = None
+
+    def __call__(self, q, k, *, v=None, mask=None, causal=False, out_proj=None, **_):
+        self.pending = (q[0], k[0], v[0], mask, causal, out_proj)  # batch of one, one new query row
+
+    def residual(self, x, z, *, norm=None, out=None):
+        q, k, v, mask, causal, out_proj = self.pending
+        layer, h = self.layer, q.shape[0]
+        alpha = weight_rows(q[None], k[None], [q.shape[1] - 1], mask=mask, causal=causal)[0, :, 0].float()  # (H, S)
+        f = M.head_vectors(M.expand_heads(v.float(), h), M.head_projections(out_proj.weight.float(), h))
+        x, z = x[0, -1].float(), z[0, -1].float()  # (C,) each: the new row
+        y = norm(z).float() if norm is not None else z
+        if self.site == "self":
+            pos = k.shape[1] - 1  # the new row's position among the target inputs
+            if layer == 0:
+                self.inputs[0].append(torch.nn.functional.one_hot(torch.tensor(self.n_source + pos),
+                                                                  self.width).float())
+                self.cross.append([])
+            c = M.alti(y[None], M.step_token_vectors(alpha, f, x, pos, norm, z)[None])[0]  # (pos + 1,)
+            self.after_self = c @ torch.stack(self.inputs[layer])  # (W,)
+            return
+        c = M.alti(y[None], M.step_token_vectors(alpha, f, x, None, norm, z)[None])[0]  # (S + 1,)
+        state = c[:-1] @ self.source + c[-1] * self.after_self
+        self.inputs[layer + 1].append(state)
+        self.cross[-1].append(c)
+        if layer + 1 == len(self.inputs) - 1:
+            self.final.append(state)

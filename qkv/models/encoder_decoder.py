@@ -77,10 +77,17 @@ class _Block(nn.Module):
         super().__init__()
         self.norm, self.dropout, self.norm_first = nn.LayerNorm(d), nn.Dropout(dropout), norm_first
 
-    def forward(self, x, fn):
+    def forward(self, x, fn, observer=None):
+        """``observer.residual`` (qkv.explain's mixing measure) sees the stream around an attention sublayer."""
         if self.norm_first:
-            return x + self.dropout(fn(self.norm(x)))
-        return self.norm(x + self.dropout(fn(x)))
+            z = x + self.dropout(fn(self.norm(x)))
+            if observer is not None:
+                observer.residual(x, z)
+            return z
+        z = x + self.dropout(fn(x))
+        if observer is not None:
+            observer.residual(x, z, norm=self.norm)
+        return self.norm(z)
 
 
 class EncoderLayer(nn.Module):
@@ -92,7 +99,7 @@ class EncoderLayer(nn.Module):
         self.block2 = _Block(cfg.d_model, cfg.dropout, cfg.norm_first)
 
     def forward(self, x, src_mask, observer=None):  # (B, S, C) -> (B, S, C)
-        x = self.block1(x, lambda h: self.self_attn(h, mask=src_mask, observer=observer))
+        x = self.block1(x, lambda h: self.self_attn(h, mask=src_mask, observer=observer), observer)
         return self.block2(x, self.ff)
 
 
@@ -106,9 +113,13 @@ class DecoderLayer(nn.Module):
 
     def forward(self, y, memory, src_mask, caches=(None, None), observer=None):  # (B, T, C) -> (B, T, C)
         self_cache, cross_cache = caches
-        y = self.block1(y, lambda h: self.self_attn(h, causal=True, cache=self_cache))
+        if observer is not None:
+            observer.site = "self"
+        y = self.block1(y, lambda h: self.self_attn(h, causal=True, cache=self_cache, observer=observer), observer)
+        if observer is not None:
+            observer.site = "cross"
         y = self.block2(y, lambda h: self.cross_attn(h, None if _filled(cross_cache) else memory, mask=src_mask,
-                                                     cache=cross_cache, observer=observer))
+                                                     cache=cross_cache, observer=observer), observer)
         return self.block3(y, self.ff)
 
 

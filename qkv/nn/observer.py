@@ -3,7 +3,9 @@
 The attention module calls ``observer(q, k, v=..., mask=..., causal=..., out_proj=...)`` with the tensors
 exactly as the attention core receives them; a block whose residual stream is known calls
 ``observer.residual(x, z, norm=..., out=...)`` after it has run. The model sets ``observer.layer``
-before each layer. Models never read anything back: an observer cannot change what they compute.
+before each layer, and a decoder with two attentions per layer (the encoder–decoder's) sets
+``observer.site`` to "self" or "cross" before each. Models never read anything back: an observer cannot
+change what they compute.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ class AttentionObserver:
     """Base class: both calls do nothing. Subclasses record what they need."""
 
     layer: int = 0
+    site: str = "self"  # "cross" while an encoder–decoder's decoder runs its cross-attention
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, *, v: torch.Tensor | None = None,
                  mask: torch.Tensor | None = None, causal: bool = False, out_proj: nn.Module | None = None) -> None:
