@@ -10,6 +10,7 @@ from ..errors import InputError
 from .common import add_model_arguments, load_model
 
 DEFAULT_MEASURE = "norms"  # weights overstate attention sinks; norms weigh each weight by what it moves
+TOP = 30  # bars drawn in the terminal for a long text (--top, --all)
 MEASURE_NAMES = ("weights", "norms", "mixing", "rollout", "logit", "alti-logit")  # = qkv.explain.measures.MEASURES
 PREDICTION = ("logit", "alti-logit")  # explain one next-token prediction; --target/--foil go with them
 
@@ -40,6 +41,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="drop the first token (BOS / attention sink) and renormalise")
     p.add_argument("--heatmap", action="store_true",
                    help="also print the whole queries x keys heatmap of the chosen layer/head (token view)")
+    p.add_argument("--top", type=int, default=TOP, metavar="N",
+                   help=f"a text with more than N keys: draw the N largest bars (in text order) and count the "
+                        f"rest (default {TOP}; JSON and CSV always carry every key)")
+    p.add_argument("--all", action="store_true", help="draw every key's bar, however long the text")
     p.add_argument("--format", choices=["text", "json"], default="text")
     p.add_argument("--png", metavar="FILE", help="also write the bar chart as a PNG")
     p.add_argument("--html", metavar="FILE", help="also write the interactive HTML explorer")
@@ -51,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.occurrence < 1:
         raise InputError(f"--occurrence must be >= 1, got {args.occurrence}")
+    if args.top < 1:
+        raise InputError(f"--top must be >= 1, got {args.top}")
     measures = _measures(args)
     loaded = load_model(args)
     if hasattr(loaded.config, "n_decoder_layers"):
@@ -79,14 +86,18 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(_json(args, rec, view, measures, charts), ensure_ascii=False))
     else:
         sys.stdout.write(bar_chart(labels, values, title=title, highlight=highlight,
-                                   marks=_sink_marks(view, args), signed=primary in PREDICTION))
+                                   marks=_sink_marks(view, args), signed=primary in PREDICTION,
+                                   top=None if args.all else args.top))
         sys.stdout.write(_notes(view, primary))
         if args.heatmap:
             sys.stdout.write("\n" + _heatmap(view, args, primary))
     if args.png:
         from ..explain.render_png import bar_chart_png
+        from ..explain.render_text import top_keys
 
-        bar_chart_png(labels, values, args.png, title=title)
+        keep = top_keys([float(v) for v in values], None if args.all else args.top, [highlight])
+        short = f", top {args.top} of {len(labels)} keys" if len(keep) < len(labels) else ""
+        bar_chart_png([labels[i] for i in keep], [float(values[i]) for i in keep], args.png, title=title + short)
     if args.html:
         from ..explain.render_html import explorer_html
         from ..io import write_text

@@ -40,7 +40,11 @@ def run(args: argparse.Namespace) -> int:
                             host=args.host, port=args.port, log_level="warning")
     server = uvicorn.Server(config)
     _announce(server, args.host)
-    server.run()  # returns on Ctrl-C (uvicorn handles SIGINT and shuts down cleanly)
+    try:
+        server.run()  # on Ctrl-C uvicorn shuts down cleanly, then re-raises the signal
+    except KeyboardInterrupt:
+        pass
+    print("qkv serve: stopped", file=sys.stderr)
     return 0
 
 

@@ -59,6 +59,16 @@ def bar_chart_png(labels: Sequence[str], values: Iterable[float], path: str | os
         return _save(fig, path, title or "attention")
 
 
+def bar_chart_bytes(labels: Sequence[str], values: Iterable[float], *, title: str = "") -> bytes:
+    """:func:`bar_chart_png` into memory: the PNG file's bytes (what `qkv serve` sends for a download)."""
+    vals = [float(v) for v in values]
+    if len(vals) != len(labels):
+        raise InputError(f"bar chart: {len(labels)} labels but {len(vals)} values")
+    with _style():
+        fig = _bar_figure([visible(s) for s in labels], vals, title)
+        return _png(fig)
+
+
 def heatmap_png(record: AttentionRecord, path: str | os.PathLike, *, layer: int | None = None,
                 head: int | None = None, words: bool = True) -> Path:
     """Captured queries (rows) x keys (columns) for one layer/head, or the mean over the captured ones
@@ -288,7 +298,11 @@ def _save(fig, path: str | os.PathLike, default_name: str) -> Path:
     target = Path(path)
     if target.is_dir():
         target = target / safe_filename(default_name)
+    return write_bytes(target, _png(fig))
+
+
+def _png(fig) -> bytes:
     _literal(fig)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    return write_bytes(target, buf.getvalue())
+    return buf.getvalue()

@@ -44,24 +44,50 @@ def view_title(rec: AttentionRecord, query_label: str, layer: int | None, head: 
 
 
 def bar_chart(labels: list[str], values: torch.Tensor, *, title: str = "", width: int = 40,
-              highlight: int | None = None, marks: dict[int, str] | None = None, signed: bool = False) -> str:
+              highlight: int | None = None, marks: dict[int, str] | None = None, signed: bool = False,
+              top: int | None = None) -> str:
     """One row per key: label, bar scaled to the largest value, the value (3 decimals).
 
     ``marks`` adds a word after a row's value (e.g. "sink"); ``signed`` scales by the largest magnitude and
-    draws negative values with a light bar and a sign, for contributions that can oppose."""
+    draws negative values with a light bar and a sign, for contributions that can oppose. ``top``: with
+    more keys than that, only the ``top`` largest (by magnitude) are drawn, in text order, plus the query's
+    own and the marked ones; each run of keys left out is one "⋮" line with its count and total."""
     vals = [float(v) for v in values]
-    top = max((abs(v) for v in vals), default=0.0) if signed else max(vals, default=0.0)
-    top = top if top > 0 else 1.0
-    shown = [terminal_label(x) for x in labels]
+    biggest = max((abs(v) for v in vals), default=0.0) if signed else max(vals, default=0.0)
+    biggest = biggest if biggest > 0 else 1.0
+    keep = top_keys(vals, top, [highlight, *(marks or {})])
+    shown = [terminal_label(labels[i]) for i in keep]
     pad = max((len(s) for s in shown), default=0)
     lines = [title] if title else []
-    for i, (lab, v) in enumerate(zip(shown, vals)):
+    prev = -1
+    for i, lab in zip(keep, shown):
+        if i > prev + 1:
+            lines.append(_gap(vals[prev + 1:i], pad, width, signed))
+        v = vals[i]
         mark = "▶" if i == highlight else " "
-        drawn = "░" * round(abs(v) / top * width) if signed and v < 0 else bar(abs(v) / top, width)
+        drawn = "░" * round(abs(v) / biggest * width) if signed and v < 0 else bar(abs(v) / biggest, width)
         num = f"{v:+.3f}" if signed else f"{v:.3f}"
         note = f"  ◀ {marks[i]}" if marks and i in marks else ""
         lines.append(f"{mark} {lab.ljust(pad)}  {drawn.ljust(width)}  {num}{note}")
+        prev = i
+    if prev < len(vals) - 1:
+        lines.append(_gap(vals[prev + 1:], pad, width, signed))
     return "\n".join(lines) + "\n"
+
+
+def _gap(values: list[float], pad: int, width: int, signed: bool) -> str:
+    """One line for a run of keys left out: how many, and their total."""
+    what = f"{len(values)} more key" + ("s" if len(values) != 1 else "")
+    return f"  {'⋮'.ljust(pad)}  {what.ljust(width)}  {sum(values):{'+' if signed else ''}.3f} in total"
+
+
+def top_keys(values: list[float], top: int | None, always=()) -> list[int]:
+    """Indices of the bars to draw, in text order: all of them, or the ``top`` largest by magnitude and
+    the ``always`` ones (None entries ignored)."""
+    if top is None or len(values) <= top:
+        return list(range(len(values)))
+    largest = sorted(range(len(values)), key=lambda i: -abs(values[i]))[:top]
+    return sorted(set(largest) | {i for i in always if i is not None})
 
 
 MEASURE_VERBS = {"norms": "draws on", "mixing": "is made of", "rollout": "rolls out to"}

@@ -1,7 +1,7 @@
 """The live explorer's ASGI app (Starlette): a page, its static files, and a small JSON API over qkv.
 
 Why Starlette on uvicorn: an ASGI toolkit with routing, streaming responses and background threads for
-blocking work, and nothing more — qkv needs no validation layer (FastAPI's pydantic) for four routes, and
+blocking work, and nothing more — qkv needs no validation layer (FastAPI's pydantic) for its few routes, and
 the page talks plain JSON. The app holds no model maths: it calls qkv.load, TextState (one forward, rows
 on demand from what it kept) and AttentionRecord.chart, the function `qkv explain` prints from.
 
@@ -11,6 +11,14 @@ API (JSON in, JSON out; errors are ``{"error": "..."}`` with a 4xx status, never
   GET  /api/texts/{id}/row?query=&measure=&layer=&head=&words=&nosink=&target=&foil=
                                         one query's bars, as `qkv explain --format json` gives them
   GET  /api/texts/{id}/row.csv?...      the same numbers as a CSV download
+  GET  /api/texts/{id}/row.png?...&top=  the same bars as a PNG figure (a long row: its top keys, in text order)
+  GET  /api/texts/{id}/heatmap?layer=&head=&measure=&r0=&r1=&c0=&c1=&cells=
+                                        a layer's map over a range of rows x keys, at most cells x cells values,
+                                        each the max of a block when the range is larger (zoom = a smaller range)
+  GET  /api/texts/{id}/explorer.html?query=&rows=
+                                        the offline explorer (head view, model view, every layer and head) for
+                                        up to 64 query rows around a token, as a self-contained file
+  DELETE /api/texts/{id}                drop a text's state (the page does it when it leaves)
   POST /api/generate {"prompt", "model", "chat", "max_new_tokens", "temperature", "seed"}
                                         server-sent events: "token" per piece, then "done" with an id
   GET  /api/generations/{id}/row?token=&layer=&head=
@@ -34,12 +42,12 @@ from starlette.routing import Route
 
 from ..errors import QkvError
 from ..explain.measures import DEFINITIONS
-from .state import SERVED_MEASURES, TextState
+from .state import MAX_WHOLE_TOKENS, SERVED_MEASURES, WHOLE_MEASURES, TextState
 
 MAX_BODY = 1 << 20  # bytes of a request body: ~8k tokens of text fit many times over
 STATIC = {"explorer.css": "text/css", "serve.js": "text/javascript"}
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; connect-src 'self'; "
-       "img-src 'self' data:; base-uri 'none'; form-action 'none'")
+       "img-src 'self' data:; frame-src 'self'; base-uri 'none'; form-action 'none'")
 
 
 class BadRequest(Exception):
@@ -93,9 +101,19 @@ class Texts:
     def _add(self, state) -> str:
         key = f"{self.prefix}{next(self.counter)}"
         self.states[key] = state
+        evicted = len(self.states) > self.limit
         while len(self.states) > self.limit:
             self.states.popitem(last=False)
+        if evicted:
+            release_memory()
         return key
+
+    def drop(self, key: str) -> None:
+        with self.guard:
+            state = self.states.pop(key, None)
+        if state is not None:
+            del state
+            release_memory()
 
     def get(self, key: str):
         if key not in self.states:
@@ -132,13 +150,35 @@ def make_app(*, model: str = "smollm2", max_models: int = 2, max_texts: int = 4)
         def forward():
             with models.lock(name):  # one forward at a time per model; waiting threads queue here
                 loaded = models.get(name)
-                return loaded, TextState(loaded, text)
+                return loaded, TextState(loaded, text, lock=models.lock(name))
         loaded, state = await anyio.to_thread.run_sync(forward)
         key = texts.add(state)
         return JSONResponse({"id": key, "model": loaded.name, "tokens": state.tokens, "words": state.spans,
                              "word_labels": _word_labels(state), "layers": state.n_layers, "heads": state.n_heads,
-                             "sinks": state.sinks, "measures": {m: DEFINITIONS[m] for m in SERVED_MEASURES},
+                             "sinks": state.sinks, "measures": {m: DEFINITIONS[m] for m in SERVED_MEASURES
+                                                                if m not in WHOLE_MEASURES
+                                                                or len(state.ids) <= MAX_WHOLE_TOKENS},
                              "causal": state.causal, "kept_mib": round(state.nbytes() / 2**20, 1)})
+
+    async def drop(request: Request) -> Response:
+        texts.get(request.path_params["id"])  # a 404 for an unknown id
+        texts.drop(request.path_params["id"])
+        return JSONResponse({"dropped": request.path_params["id"]})
+
+    async def row_png(request: Request) -> Response:
+        data = await anyio.to_thread.run_sync(_row_png, texts, dict(request.query_params), request.path_params["id"])
+        return Response(data, media_type="image/png",
+                        headers={"Content-Disposition": 'attachment; filename="qkv-row.png"'})
+
+    async def heat(request: Request) -> Response:
+        return JSONResponse(await anyio.to_thread.run_sync(_heatmap, texts, dict(request.query_params),
+                                                           request.path_params["id"]))
+
+    async def explorer(request: Request) -> Response:
+        page = await anyio.to_thread.run_sync(_explorer, texts, dict(request.query_params), request.path_params["id"])
+        inline = request.query_params.get("inline") == "1"  # shown in the page's sandboxed frame
+        return Response(page, media_type="text/html; charset=utf-8",
+                        headers={} if inline else {"Content-Disposition": 'attachment; filename="qkv-explorer.html"'})
 
     async def row(request: Request) -> Response:
         return JSONResponse(await anyio.to_thread.run_sync(_row, texts, dict(request.query_params),
@@ -167,12 +207,27 @@ def make_app(*, model: str = "smollm2", max_models: int = 2, max_texts: int = 4)
 
     routes = [Route("/", page), Route("/static/{name}", static), Route("/api/models", list_models),
               Route("/api/texts", submit, methods=["POST"]), Route("/api/texts/{id}/row", row),
-              Route("/api/texts/{id}/row.csv", row_csv), Route("/api/generate", generate, methods=["POST"]),
+              Route("/api/texts/{id}/row.csv", row_csv), Route("/api/texts/{id}/row.png", row_png),
+              Route("/api/texts/{id}/heatmap", heat), Route("/api/texts/{id}/explorer.html", explorer),
+              Route("/api/texts/{id}", drop, methods=["DELETE"]), Route("/api/generate", generate, methods=["POST"]),
               Route("/api/generations/{id}/row", generation_row)]
     app = Starlette(routes=routes, exception_handlers={BadRequest: _bad, QkvError: _user_error,
                                                        Exception: _server_error})
     app.state.models, app.state.texts = models, texts
     return app
+
+
+def release_memory() -> None:
+    """Hand freed memory back to the system. A text's tensors (~1 GiB at 8k tokens) are freed when it is
+    dropped, but glibc keeps freed blocks in its per-thread arenas, so without this the server's resident
+    size would only ever grow; malloc_trim(0) returns every arena's free pages. Nothing on other C libraries."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 async def _json_body(request: Request) -> dict:
@@ -222,6 +277,68 @@ def _row(texts: Texts, params: dict, key: str) -> dict:
     if measure == "logit":
         out["logit"] = view.measure("logit").info
     return out
+
+
+PNG_TOP = 40  # bars in a PNG of a long row: the largest keys, kept in text order
+
+
+def _row_png(texts: Texts, params: dict, key: str) -> bytes:
+    from ..explain.render_png import bar_chart_bytes
+
+    data = _row(texts, params, key)
+    top = _int(params, "top")
+    n = len(data["keys"])
+    keep = list(range(n))
+    if top is not None or n > PNG_TOP * 3 // 2:
+        k = min(n, top or PNG_TOP)
+        if k < 1:
+            raise BadRequest("top must be at least 1")
+        keep = sorted(sorted(range(n), key=lambda i: -abs(data["values"][i]))[:k])
+    state = texts.get(key)
+    query = "".join(state.tokens[p] for p in data["positions"]).strip()
+    where = ", ".join(f"{w} {params[w]}" for w in ("layer", "head") if params.get(w)) or "all layers and heads"
+    title = f"{query!r} — {state.loaded.name}, {data['measure']}, {where}" + \
+        (f", top {len(keep)} of {n} keys" if len(keep) < n else "")
+    return bar_chart_bytes([data["keys"][i] for i in keep], [data["values"][i] for i in keep], title=title)
+
+
+def _heatmap(texts: Texts, params: dict, key: str) -> dict:
+    state = texts.get(key)
+    t = len(state.ids)
+    layer, head = _int(params, "layer"), _int(params, "head")
+    if layer is None or not 0 <= layer < state.n_layers:
+        raise BadRequest(f"give ?layer= in 0..{state.n_layers - 1}")
+    if head is not None and not 0 <= head < state.n_heads:
+        raise BadRequest(f"head {head} is out of range: the model has {state.n_heads} heads, "
+                         f"numbered 0..{state.n_heads - 1}")
+    get = lambda name, default: default if _int(params, name) is None else _int(params, name)  # noqa: E731
+    out = state.heatmap(layer, head, params.get("measure", "weights"), get("r0", 0), get("r1", t), get("c0", 0),
+                        get("c1", t), get("cells", 256))
+    out.update(layer=layer, head=head, measure=params.get("measure", "weights"))
+    return out
+
+
+EXPLORER_ROWS = 64  # query rows in an explorer file from the server: all layers and heads of each
+
+
+def _explorer(texts: Texts, params: dict, key: str) -> str:
+    from ..explain.render_html import explorer_html
+
+    state = texts.get(key)
+    t = len(state.ids)
+    query = _int(params, "query")
+    query = t - 1 if query is None else query
+    n = _int(params, "rows") or 32
+    if not 0 <= query < t:
+        raise BadRequest(f"query {query} is outside the text's {t} tokens (0..{t - 1})")
+    if not 1 <= n <= EXPLORER_ROWS:
+        raise BadRequest(f"rows must be in 1..{EXPLORER_ROWS}")
+    a = max(0, min(query - n // 2, t - n))
+    rows = list(range(a, min(t, a + n)))
+    measures = ["weights", "norms"] + (list(WHOLE_MEASURES) if state.whole is not None else [])
+    rec = state.record(rows, measures=measures)
+    what = f"rows {rows[0]}..{rows[-1]} of {t} tokens" if len(rows) < t else f"all {t} tokens"
+    return explorer_html(rec, title=f"qkv serve — {state.loaded.name}, {what}", query=query, measure="norms")
 
 
 MAX_NEW_TOKENS = 256
@@ -350,6 +467,7 @@ _PAGE = """<!DOCTYPE html>
  <label><input type="checkbox" id="words" checked> word view</label>
  <label><input type="checkbox" id="nosink"> drop first token (sink) and renormalise</label>
  <button id="csv">CSV</button> <button id="json">JSON</button> <button id="svg">SVG</button>
+ <button id="png">PNG</button> <button id="html">Offline HTML</button>
 </section>
 <p id="sinknote" class="notice" hidden></p>
 <section aria-label="text"><h2>Text — click a token</h2><div id="tokens"></div></section>
@@ -359,6 +477,15 @@ _PAGE = """<!DOCTYPE html>
  <label>tokens <input id="ntok" type="number" min="1" max="256" value="24"></label> <button id="gen">Generate</button>
  <div id="gentokens"></div></section>
 <section aria-label="bars"><h2 id="caption"></h2><p id="definition"></p><div id="bars"></div></section>
+<section aria-label="heatmap"><h2>Heatmap — the chosen layer (layer 0 when "all") and head</h2>
+ <button id="heatgo">Draw heatmap</button> <button id="heatpng">PNG</button>
+ <p id="heatcaption"></p>
+ <canvas id="heat" width="1" height="1" style="width:min(90vw,720px);height:min(90vw,720px);image-rendering:pixelated;border:1px solid #cbd5e0"></canvas>
+</section>
+<section aria-label="head and model views"><h2>Head view and model view — every layer and head around the
+ selected token</h2> <button id="views">Show</button>
+ <iframe id="viewframe" hidden sandbox="allow-scripts" title="head and model views"
+  style="width:100%;height:760px;border:1px solid #e2e8f0"></iframe></section>
 <script src="/static/serve.js"></script>
 </body>
 </html>

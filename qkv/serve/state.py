@@ -14,6 +14,9 @@ embedding, the MLPs' updates and the final state at that row.
 
 from __future__ import annotations
 
+import base64
+import threading
+
 import torch
 
 from ..errors import InputError
@@ -24,8 +27,13 @@ from ..nn.attention import weight_rows
 from ..nn.observer import AttentionObserver
 from ..nn.quant import exact_weights
 
-SERVED_MEASURES = ("weights", "norms", "logit")  # the per-row measures; mixing/rollout need T x T maps per layer
+SERVED_MEASURES = ("weights", "norms", "logit", "mixing", "rollout")
+ROW_MEASURES = ("weights", "norms", "logit")  # from the kept tensors, per click
+WHOLE_MEASURES = ("mixing", "rollout")  # need every layer's T x T map: one more forward, kept for short texts
+MAX_WHOLE_TOKENS = 512  # mixing and rollout kept as (L, T, T) float32 maps: ~63 MB for 30 layers at 512
 SINK_SAMPLE = 64  # rows sampled (evenly, the last included) to find the sinks of a long text
+HEATMAP_CELLS = 1024  # the most cells a heatmap answer has per side
+HEAT_CHUNK = 256  # query rows computed at a time for a heatmap
 
 
 class _Keep(AttentionObserver):
@@ -50,7 +58,7 @@ class _Keep(AttentionObserver):
 class TextState:
     """A text after one forward of a loaded model: tokens, words, sinks, and the tensors every row needs."""
 
-    def __init__(self, loaded, text: str):
+    def __init__(self, loaded, text: str, lock: threading.Lock | None = None):
         if hasattr(loaded.config, "n_decoder_layers"):
             raise InputError(f"{loaded.name} is an encoder–decoder: the live explorer shows self-attention models; "
                              "see its cross-attention with qkv explain TEXT --model RUN")
@@ -61,6 +69,7 @@ class TextState:
             loaded.model(torch.tensor([ids], device=loaded.device), observer=keep,
                          **({"last_only": True} if causal else {}))
         self.loaded, self.text, self.ids = loaded, text, ids
+        self.lock = lock or threading.Lock()  # the model's: held while the model runs again (mixing, rollout)
         self.causal = causal
         self.tokens = loaded.tokenizer.token_strings(ids)
         self.spans = word_spans(text, offsets, special)
@@ -75,6 +84,7 @@ class TextState:
             self.grams = [M.key_grams(v, w) for v, w in zip(self.v, wo)]  # L x (T, H, H)
         self.keep = keep
         self.sinks = self._sinks()
+        self.whole: AttentionRecord | None = None  # mixing and rollout of every row, on first request
 
     @property
     def n_layers(self) -> int:
@@ -111,11 +121,16 @@ class TextState:
             raise InputError(f"query {bad[0] if bad else '(none)'} is outside the text's {t} tokens")
         wanted = _check_measures(self.loaded, measures)
         if wanted - set(SERVED_MEASURES):
-            raise InputError(f"the live explorer computes {', '.join(SERVED_MEASURES)} per click; "
-                             f"{', '.join(sorted(wanted - set(SERVED_MEASURES)))} need the whole text's maps: use "
-                             "qkv explain")
+            raise InputError(f"the live explorer computes {', '.join(SERVED_MEASURES)}; "
+                             f"{', '.join(sorted(wanted - set(SERVED_MEASURES)))}: use qkv explain")
         alpha = torch.stack([self._alpha(layer, queries) for layer in range(self.n_layers)])  # (L, H, Q, T)
         maps = {}
+        if wanted & set(WHOLE_MEASURES):
+            whole = self._whole()
+            rows = torch.tensor(queries)
+            for name in sorted(wanted & set(WHOLE_MEASURES)):
+                m = whole.measure(name)
+                maps[name] = MeasureMap(name, layers=m.layers[:, rows], model=m.model[rows])
         if "norms" in wanted:
             heads = M.shares(alpha * self.value_norms[:, :, None, :])
             layers = torch.stack([M.shares(M.layer_norms(alpha[i], self.grams[i])) for i in range(self.n_layers)])
@@ -126,6 +141,52 @@ class TextState:
         return AttentionRecord(alpha, self.tokens, self.tokens, list(queries), all_l, all_h,
                                kind="causal" if self.causal else "self", model=self.loaded.name,
                                key_words=self.spans, query_words=self.spans, measures=maps, sinks=self.sinks)
+
+    def _whole(self) -> AttentionRecord:
+        """Mixing and rollout of every row (qkv.capture over the whole text, one more forward), kept."""
+        if self.whole is None:
+            t = len(self.ids)
+            if t > MAX_WHOLE_TOKENS:
+                raise InputError(f"mixing and rollout need every layer's full {t} x {t} map; the live explorer keeps "
+                                 f"them for texts up to {MAX_WHOLE_TOKENS} tokens: use qkv explain TEXT --measure "
+                                 "mixing for this one")
+            from ..explain.capture import capture
+
+            with self.lock:  # the model runs again: one forward at a time per model
+                self.whole = capture(self.loaded, self.text, heads=[0], measures=list(WHOLE_MEASURES))
+        return self.whole
+
+    @torch.inference_mode()
+    def heatmap(self, layer: int, head: int | None, measure: str, r0: int, r1: int, c0: int, c1: int,
+                cells: int = HEATMAP_CELLS) -> dict:
+        """A layer's map (one head, or the heads' mean) over query rows [r0, r1) and keys [c0, c1), as at most
+        ``cells`` x ``cells`` values: each the largest of a block of rows x keys when the range is bigger
+        (``block`` says how big; 1 x 1 = the exact values), float32 little-endian in base64, row-major. Weights,
+        or norms as row shares."""
+        t = len(self.ids)
+        if not (0 <= r0 < r1 <= t and 0 <= c0 < c1 <= t):
+            raise InputError(f"the heatmap's range rows {r0}..{r1}, keys {c0}..{c1} is outside the text's {t} tokens")
+        if measure not in ("weights", "norms"):
+            raise InputError(f"the heatmap shows weights or norms, not {measure!r}")
+        cells = max(1, min(int(cells), HEATMAP_CELLS))
+        br, bc = -(-(r1 - r0) // cells), -(-(c1 - c0) // cells)  # block sizes (ceil)
+        nr, nc = -(-(r1 - r0) // br), -(-(c1 - c0) // bc)
+        heads = list(range(self.n_heads)) if head is None else [head]
+        out = torch.zeros(nr, nc)
+        step = max(br, HEAT_CHUNK // br * br)  # whole blocks of rows at a time
+        for a in range(r0, r1, step):
+            rows = list(range(a, min(a + step, r1)))
+            alpha = self._alpha(layer, rows)[heads]  # (H', R, T)
+            if measure == "norms":
+                alpha = M.shares(alpha * self.value_norms[layer, heads][:, None, :])
+            m = alpha.mean(0)[:, c0:c1]  # (R, C)
+            pad_r, pad_c = -len(rows) % br, -(c1 - c0) % bc
+            m = torch.nn.functional.pad(m, (0, pad_c, 0, pad_r))  # values are >= 0: padding never wins a max
+            pooled = m.view(m.shape[0] // br, br, m.shape[1] // bc, bc).amax(dim=(1, 3))
+            i = (a - r0) // br
+            out[i:i + pooled.shape[0]] = pooled
+        return {"r0": r0, "r1": r1, "c0": c0, "c1": c1, "rows": nr, "cols": nc, "block": [br, bc],
+                "values": base64.b64encode(out.numpy().astype("<f4").tobytes()).decode("ascii")}
 
     def _logit(self, queries: list[int], alpha: torch.Tensor, target, foil) -> MeasureMap:
         """The logit measure at the last position: per layer Σ_h α^h_nj v^h_j·(W_O^hᵀ u) by key position."""

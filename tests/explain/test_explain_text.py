@@ -165,3 +165,34 @@ def test_generation_capture_rows_roles_and_html(smollm2, tmp_path, capsys):
     out, err = capsys.readouterr()
     assert code == 0, err and out.strip()
     assert 'id="qkv-data"' in page.read_text(encoding="utf-8")
+
+
+def test_bar_chart_top_keeps_the_largest_in_text_order_and_counts_the_rest():
+    vals = torch.tensor([0.05, 0.30, 0.01, 0.02, 0.40, 0.03, 0.19])
+    out = bar_chart(list("abcdefg"), vals, top=3, highlight=6, marks={0: "sink"}).splitlines()
+    drawn = [line.split()[1] if line.startswith("▶") else line.split()[0] for line in out if "⋮" not in line]
+    assert drawn == ["a", "b", "e", "g"]  # b, e, g the largest; a marked (sink); text order
+    gaps = [line for line in out if "⋮" in line]
+    assert [g.split()[1:4] for g in gaps] == [["2", "more", "keys"], ["1", "more", "key"]]
+    assert [float(g.split()[-3]) for g in gaps] == [0.03, 0.03]  # c + d, then f
+    assert bar_chart(list("abcdefg"), vals, top=7) == bar_chart(list("abcdefg"), vals)  # nothing left out
+
+
+def test_explain_long_text_draws_top_n_and_all_on_request(capsys):
+    text = "He sat on the river's bank and " * 20 + "the boat"
+    assert main(["explain", text, "--token", "boat", "--format", "json"]) == 0
+    full = json.loads(capsys.readouterr().out)
+    values = full["measures"]["norms"]["values"]
+    assert len(values) > 100
+    assert main(["explain", text, "--token", "boat", "--top", "10"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    bars = [line for line in out[1:] if "█" in line or line.rstrip().endswith(("0.000", "sink"))]
+    assert 10 <= len(bars) <= 12  # the 10 largest, and the query's own and the sink when not among them
+    shown = sorted(float(line.split()[-1] if "◀" not in line else line.split()[-3]) for line in bars)
+    assert shown[-10:] == sorted(round(v, 3) for v in sorted(values)[-10:])
+    gaps = sum(float(line.split()[-3]) for line in out if "⋮" in line)
+    assert gaps + sum(shown) == pytest.approx(1.0, abs=0.05)  # (each printed value is rounded to 3 decimals)
+    assert main(["explain", text, "--token", "boat", "--all"]) == 0
+    assert "⋮" not in capsys.readouterr().out
+    assert main(["explain", text, "--token", "boat", "--top", "0"]) == 2
+    assert "--top must be >= 1" in capsys.readouterr().err

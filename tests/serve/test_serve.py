@@ -4,6 +4,7 @@ page in headless Chromium shows those numbers and never runs a token as code."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import threading
@@ -42,15 +43,18 @@ def server():
     assert not thread.is_alive(), "the server did not stop"
 
 
-def call(url: str, body: dict | bytes | None = None) -> tuple[int, dict | str]:
+def call(url: str, body: dict | bytes | None = None, *, method: str | None = None,
+         raw: bool = False) -> tuple[int, dict | str | bytes]:
     data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"}, method=method)
     try:
-        with urllib.request.urlopen(req, timeout=120) as r:
-            raw, status, kind = r.read().decode(), r.status, r.headers.get("content-type", "")
+        with urllib.request.urlopen(req, timeout=300) as r:
+            got, status, kind = r.read(), r.status, r.headers.get("content-type", "")
     except urllib.error.HTTPError as e:
-        raw, status, kind = e.read().decode(), e.code, e.headers.get("content-type", "")
-    return status, json.loads(raw) if kind.startswith("application/json") else raw
+        got, status, kind = e.read(), e.code, e.headers.get("content-type", "")
+    if raw and status == 200:
+        return status, got
+    return status, json.loads(got) if kind.startswith("application/json") else got.decode()
 
 
 def submit(server, text, model="smollm2") -> dict:
@@ -105,19 +109,75 @@ def test_logit_row_and_csv(server, smollm2):
     assert [float(x.rsplit(",", 1)[1]) for x in lines[1:]] == row["values"]
 
 
-def test_long_text_rows(server, smollm2):
-    """A 2,048-token text: the first, a middle and the last token's rows equal capture's."""
-    words = ("the river bank was steep and the old man sat on it watching boats drift past slowly " * 200).split()
-    ids = smollm2.tokenizer.encode(" ".join(words))[:2048]
-    text = smollm2.tokenizer.decode(ids)
+def long_text(smollm2, n: int) -> str:
+    words = ("the river bank was steep and the old man sat on it watching boats drift past slowly " * 800).split()
+    return smollm2.tokenizer.decode(smollm2.tokenizer.encode(" ".join(words))[:n])
+
+
+def test_mixing_and_rollout_rows_and_their_limit(server, smollm2):
+    t = submit(server, TEXT)
+    rec = qkv.capture(smollm2, TEXT, measures=["mixing", "rollout"], heads=[0])
+    for measure in ("mixing", "rollout"):
+        for layer in (None, 7):
+            extra = "" if layer is None else f"&layer={layer}"
+            status, row = call(f"{server}/api/texts/{t['id']}/row?query=6&measure={measure}&words=0{extra}")
+            assert status == 200, row
+            assert torch.allclose(torch.tensor(row["values"]), rec.row(6, layer, None, measure), atol=TOL, rtol=0)
+    long = submit(server, long_text(smollm2, 600))
+    assert "mixing" not in long["measures"]
+    status, data = call(f"{server}/api/texts/{long['id']}/row?query=1&measure=mixing")
+    assert status == 400 and "up to 512 tokens" in data["error"]
+
+
+def test_heatmap_blocks_equal_the_captured_map(server, smollm2):
+    text = long_text(smollm2, 300)
     t = submit(server, text)
     n = len(t["tokens"])
-    assert n >= 2000
-    for q in (0, n // 2, n - 1):
-        status, row = call(f"{server}/api/texts/{t['id']}/row?query={q}&measure=norms&words=0&layer=20")
-        assert status == 200
-        rec = qkv.capture(smollm2, text, queries=[q], measures=["norms"], layers=[20])
-        assert torch.allclose(torch.tensor(row["values"]), rec.row(q, 20, None, "norms"), atol=TOL, rtol=0)
+    rec = qkv.capture(smollm2, text, layers=[5], measures=["norms"])
+    for head, measure in ((2, "weights"), (None, "weights"), (4, "norms")):
+        full = rec.measures["norms"].heads[0, 4] if measure == "norms" else \
+            rec.weights[0, head] if head is not None else rec.weights[0].mean(0)  # (T, T)
+        extra = f"&head={head}" if head is not None else ""
+        status, d = call(f"{server}/api/texts/{t['id']}/heatmap?layer=5&measure={measure}&cells=64{extra}")
+        assert status == 200, d
+        got = torch.frombuffer(bytearray(base64.b64decode(d["values"])), dtype=torch.float32).view(d["rows"], d["cols"])
+        br, bc = d["block"]
+        assert (br, bc) == (5, 5) and d["rows"] == d["cols"] == 60  # ceil(300 / 64) = 5: 60 blocks
+        want = torch.nn.functional.max_pool2d(full[None], (br, bc), ceil_mode=True)[0]
+        assert torch.allclose(got, want, atol=TOL, rtol=0), (head, measure)
+        status, d = call(f"{server}/api/texts/{t['id']}/heatmap?layer=5&measure={measure}&r0=100&r1=130&c0=90&c1=140"
+                         f"{extra}")  # zoomed in: every cell exact
+        got = torch.frombuffer(bytearray(base64.b64decode(d["values"])), dtype=torch.float32).view(30, 50)
+        assert d["block"] == [1, 1] and torch.allclose(got, full[100:130, 90:140], atol=TOL, rtol=0)
+    for query, match in (("layer=30", "give ?layer="), ("layer=1&r0=5&r1=5", "outside the text"),
+                         ("layer=1&measure=logit", "weights or norms"), ("layer=1&head=9", "head 9")):
+        status, data = call(f"{server}/api/texts/{t['id']}/heatmap?{query}")
+        assert status == 400 and match in data["error"], (query, data)
+    assert n == 300
+
+
+def test_png_explorer_file_and_drop(server, smollm2):
+    import io
+
+    import matplotlib.image
+
+    text = long_text(smollm2, 200)
+    t = submit(server, text)
+    status, png = call(f"{server}/api/texts/{t['id']}/row.png?query=150&measure=norms", raw=True)
+    assert status == 200 and png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert matplotlib.image.imread(io.BytesIO(png), format="png").shape[2] in (3, 4)  # it decodes
+    status, page = call(f"{server}/api/texts/{t['id']}/explorer.html?query=150&rows=8")
+    assert status == 200 and page.startswith("<!DOCTYPE html>")
+    from bs4 import BeautifulSoup
+
+    soup = BeautifulSoup(page, "html.parser")
+    data = json.loads(soup.find(id="qkv-data").string)
+    assert data["queries"] == list(range(146, 154)) and len(data["key_tokens"]) == 200
+    assert "Content-Security-Policy" in page and "<script src" not in page  # self-contained
+    status, data = call(f"{server}/api/texts/{t['id']}", method="DELETE")
+    assert status == 200
+    status, data = call(f"{server}/api/texts/{t['id']}/row?query=1")
+    assert status == 404 and "submit it again" in data["error"]
 
 
 @pytest.mark.parametrize("path,body,status,match", [
@@ -139,7 +199,6 @@ def test_bad_row_parameters(server):
     t = submit(server, TEXT)
     for query, match in (("query=99", "outside the text"), ("query=x", "integer"), ("", "give ?query"),
                          ("query=1&layer=30", "layer 30 is out of range"),
-                         ("query=1&measure=mixing", "need the whole text's maps"),
                          ("query=1&measure=logit", "prediction after the text"),
                          ("query=6&measure=logit&target=%20riverbank", "is not one token")):
         status, data = call(f"{server}/api/texts/{t['id']}/row?{query}")
@@ -282,3 +341,64 @@ def test_page_streams_a_generation_and_shows_a_generated_token(page, smollm2):
     want = record.row(record.queries[i])
     assert max(abs(a - float(b)) for a, b in zip(got, want)) <= TOL
     assert "generated" in page.inner_text("#caption")
+
+
+def test_page_heatmap_zoom_views_and_exports(page, smollm2):
+    text = long_text(smollm2, 300)
+    page.fill("#text", text)
+    page.click("#go")
+    page.wait_for_selector("#meta:has-text('300 tokens')")
+    page.select_option("#layer", "5")
+    page.select_option("#head", "2")
+    page.click("#heatgo")
+    page.wait_for_selector("#heatcaption:has-text('block of 2 rows')")  # 300 rows in 256 cells: blocks of 2
+    page.set_viewport_size({"width": 1280, "height": 1000})
+    page.locator("#heat").scroll_into_view_if_needed()
+    box = page.locator("#heat").bounding_box()  # (in the viewport, where the mouse can reach it)
+    page.mouse.move(box["x"] + box["width"] * 0.30, box["y"] + box["height"] * 0.30)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.45, box["y"] + box["height"] * 0.45)
+    page.mouse.up()
+    page.wait_for_selector("#heatcaption:has-text('every cell exact')")  # zoomed in to ~46 x 46 tokens
+    caption = page.inner_text("#heatcaption")
+    assert "layer 5" in caption and "head 2" in caption
+    with page.expect_download() as d:
+        page.click("#heatpng")
+    assert open(d.value.path(), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    with page.expect_download() as d:
+        page.click("#png")
+    assert open(d.value.path(), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    with page.expect_download() as d:
+        page.click("#csv")
+    lines = open(d.value.path(), encoding="utf-8").read().strip().splitlines()
+    assert lines[0] == "key,value" and len(lines) > 10
+    with page.expect_download() as d:
+        page.click("#html")
+    assert 'id="qkv-data"' in open(d.value.path(), encoding="utf-8").read()
+    page.click("#views")  # the offline explorer's head and model views, in a sandboxed frame
+    frame = page.frame_locator("#viewframe")
+    frame.locator("#headview canvas, #modelview canvas").first.wait_for()
+    assert frame.locator("#modelview canvas").count() == 30 * 9
+
+
+def test_page_clicks_first_middle_and_last_token_of_an_8k_text(page, smollm2):
+    text = long_text(smollm2, 8192)
+    n = len(smollm2.tokenizer.encode(text))
+    assert n == 8192
+    page.fill("#text", text)
+    page.uncheck("#words")
+    page.select_option("#measure", "norms") if page.locator("#measure option").count() else None
+    page.click("#go")
+    page.wait_for_selector("#meta:has-text('8192 tokens')", timeout=240_000)
+    page.wait_for_selector("#bars .bar")  # it opens on the last token's row
+    page.select_option("#layer", "20")
+    mid = 4100
+    rec = qkv.capture(smollm2, text, queries=[0, mid, n - 1], layers=[20], measures=["norms"])
+    for q in (n - 1, 0, mid):
+        page.locator(f'#tokens .block[data-start="{q // 400 * 400}"]').scroll_into_view_if_needed()
+        page.click(f'#tokens .tok[data-q="{q}"]')
+        page.wait_for_selector(f'#tokens .tok.sel[data-q="{q}"]')
+        page.wait_for_selector("#caption:has-text('layer 20')")
+        got = _bars(page)
+        want = rec.row(q, 20, None, "norms")
+        assert len(got) == n and max(abs(a - float(b)) for a, b in zip(got, want)) <= TOL, q

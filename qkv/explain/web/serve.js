@@ -39,7 +39,8 @@
     try {
       const t = await call("/api/texts", {method: "POST", headers: {"Content-Type": "application/json"},
                                           body: JSON.stringify({text: $("text").value, model: $("model").value})});
-      ST.text = t; ST.query = null;
+      if (ST.text) fetch("/api/texts/" + ST.text.id, {method: "DELETE"}).catch(() => {});
+      ST.text = t; ST.query = null; HEAT.data = null;
       $("meta").textContent = t.model + " \u00b7 " + t.tokens.length + " tokens \u00b7 " + t.layers + " layers \u00d7 " +
         t.heads + " heads \u00b7 kept on the server: " + t.kept_mib + " MiB";
       fillSelect("layer", t.layers, "layer");
@@ -251,6 +252,71 @@
     return new XMLSerializer().serializeToString(svg);
   }
 
+  // -- the heatmap: a layer's rows x keys on a canvas; drag a rectangle to zoom in, double-click to zoom out --
+  const HEAT = {range: null, data: null, vals: null, drag: null};
+  function heatParams(range) {
+    const layer = $("layer").value === "-1" ? "0" : $("layer").value;
+    const p = new URLSearchParams({layer: layer, measure: $("measure").value === "norms" ? "norms" : "weights",
+                                   r0: String(range[0]), r1: String(range[1]), c0: String(range[2]),
+                                   c1: String(range[3]), cells: "256"});
+    if ($("head").value !== "-1") p.set("head", $("head").value);
+    return p;
+  }
+  async function drawHeatmap(range) {
+    if (!ST.text) return;
+    const n = ST.text.tokens.length;
+    HEAT.range = range || [0, n, 0, n];
+    showError("");
+    try {
+      const d = await call("/api/texts/" + ST.text.id + "/heatmap?" + heatParams(HEAT.range));
+      const bin = atob(d.values), u = new Uint8Array(bin.length);
+      for (let i = 0; i < bin.length; i++) u[i] = bin.charCodeAt(i);
+      HEAT.data = d; HEAT.vals = new Float32Array(u.buffer);
+      paintHeatmap();
+    } catch (e) {
+      showError(e.message);
+    }
+  }
+  function paintHeatmap() {
+    const d = HEAT.data, v = HEAT.vals, cv = $("heat");
+    let top = 0;
+    for (let i = 0; i < v.length; i++) if (Number.isFinite(v[i]) && v[i] > top) top = v[i];
+    cv.width = d.cols; cv.height = d.rows;
+    const ctx = cv.getContext("2d"), img = ctx.createImageData(d.cols, d.rows);
+    for (let i = 0; i < v.length; i++) {
+      const t = top > 0 ? Math.sqrt(Math.max(0, v[i]) / top) : 0;  // square root: small weights stay visible
+      img.data[4 * i] = Math.round(255 - 206 * t); img.data[4 * i + 1] = Math.round(255 - 125 * t);
+      img.data[4 * i + 2] = Math.round(255 - 49 * t); img.data[4 * i + 3] = 255;
+    }
+    ctx.putImageData(img, 0, 0);
+    const exact = d.block[0] === 1 && d.block[1] === 1;
+    $("heatcaption").textContent = $("measure").value.replace(/^(logit|mixing|rollout)$/, "weights") +
+      " · layer " + d.layer + " · " + (d.head === null ? "mean of the heads" : "head " + d.head) +
+      " · query rows " + d.r0 + "–" + (d.r1 - 1) + " × keys " + d.c0 + "–" + (d.c1 - 1) +
+      (exact ? " · every cell exact" : " · each cell the largest value of a block of " + d.block[0] +
+       " rows × " + d.block[1] + " keys (drag to zoom in)") + " · colour: √(value / " +
+      top.toFixed(4) + ")";
+  }
+  function heatCell(e) {  // the (row, key) under the pointer, in token positions
+    const d = HEAT.data, cv = $("heat"), box = cv.getBoundingClientRect();
+    const c = Math.min(d.cols - 1, Math.max(0, Math.floor((e.clientX - box.left) / box.width * d.cols)));
+    const r = Math.min(d.rows - 1, Math.max(0, Math.floor((e.clientY - box.top) / box.height * d.rows)));
+    return {r: r, c: c, row: d.r0 + r * d.block[0], key: d.c0 + c * d.block[1]};
+  }
+  function heatHover(e) {
+    if (!HEAT.data) return;
+    const h = heatCell(e), d = HEAT.data, tok = ST.text.tokens;
+    $("heat").title = "query " + h.row + " " + JSON.stringify(visible(tok[h.row])) + " × key " + h.key + " " +
+      JSON.stringify(visible(tok[h.key])) + ": " + HEAT.vals[h.r * d.cols + h.c].toFixed(4) +
+      (d.block[0] * d.block[1] > 1 ? " (largest in its block)" : "");
+  }
+  function heatZoom(a, b) {
+    const d = HEAT.data;
+    const r0 = d.r0 + Math.min(a.r, b.r) * d.block[0], r1 = Math.min(d.r1, d.r0 + (Math.max(a.r, b.r) + 1) * d.block[0]);
+    const c0 = d.c0 + Math.min(a.c, b.c) * d.block[1], c1 = Math.min(d.c1, d.c0 + (Math.max(a.c, b.c) + 1) * d.block[1]);
+    drawHeatmap([r0, r1, c0, c1]);
+  }
+
   function init() {
     $("model").value = document.body.dataset.model;
     $("go").addEventListener("click", run);
@@ -274,6 +340,37 @@
     });
     $("json").addEventListener("click", () => { if (ST.row) download("qkv-row.json", "application/json", JSON.stringify(ST.row, null, 1)); });
     $("svg").addEventListener("click", () => { if (ST.row) download("qkv-row.svg", "image/svg+xml", svgText()); });
+    $("png").addEventListener("click", () => {
+      if (ST.row && ST.source === "text") location.href = "/api/texts/" + ST.text.id + "/row.png?" + rowParams();
+      else if (ST.row) showError("a PNG is made for a row of the text; for a generated token use SVG, CSV or JSON");
+    });
+    $("heatgo").addEventListener("click", () => drawHeatmap(null));
+    $("heatpng").addEventListener("click", () => {
+      if (!HEAT.data) return;
+      const a = el("a");
+      a.href = $("heat").toDataURL("image/png"); a.download = "qkv-heatmap.png";
+      document.body.appendChild(a); a.click(); a.remove();
+    });
+    $("heat").addEventListener("mousemove", heatHover);
+    $("heat").addEventListener("mousedown", (e) => { if (HEAT.data) HEAT.drag = heatCell(e); });
+    $("heat").addEventListener("mouseup", (e) => {
+      if (!HEAT.data || !HEAT.drag) return;
+      const a = HEAT.drag, b = heatCell(e);
+      HEAT.drag = null;
+      if (a.r !== b.r || a.c !== b.c) heatZoom(a, b);
+    });
+    $("heat").addEventListener("dblclick", () => drawHeatmap(null));
+    $("views").addEventListener("click", () => {  // the offline explorer's head and model views, from the server
+      if (!ST.text || ST.query === null) return;
+      $("viewframe").src = "/api/texts/" + ST.text.id + "/explorer.html?inline=1&query=" + ST.query;
+      $("viewframe").hidden = false;
+    });
+    $("html").addEventListener("click", () => {
+      if (ST.text && ST.query !== null) location.href = "/api/texts/" + ST.text.id + "/explorer.html?query=" + ST.query;
+    });
+    window.addEventListener("pagehide", () => {  // the server drops what it kept for this page's text
+      if (ST.text) fetch("/api/texts/" + ST.text.id, {method: "DELETE", keepalive: true}).catch(() => {});
+    });
   }
   init();
 })();
