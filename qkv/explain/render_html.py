@@ -205,6 +205,7 @@ _PAGE = """<!DOCTYPE html>
  <label>head <select id="head"></select></label>
  <label><input type="checkbox" id="words"> word view (query: mean over the word's pieces; key: sum)</label>
  <label><input type="checkbox" id="nosink"> drop first token (sink) and renormalise</label>
+ <button id="csv">CSV</button> <button id="json">JSON</button> <button id="svg">SVG</button>
 </section>
 <section aria-label="text"><h2>{text_heading}</h2><div id="tokens"></div></section>
 <section aria-label="bars"><h2 id="caption"></h2><p id="definition"></p><p id="sinknote" class="notice" hidden></p>
@@ -226,7 +227,7 @@ def _web_file(name: str) -> str:
 
 
 _CSS = _web_file("explorer.css")
-_JS = _web_file("explorer.js")
+_JS = _web_file("common.js") + "\n" + _web_file("explorer.js")  # one inline script: one CSP hash
 
 
 def _csp(script: str) -> str:

@@ -45,7 +45,7 @@ from ..explain.measures import DEFINITIONS
 from .state import MAX_WHOLE_TOKENS, SERVED_MEASURES, WHOLE_MEASURES, TextState
 
 MAX_BODY = 1 << 20  # bytes of a request body: ~8k tokens of text fit many times over
-STATIC = {"explorer.css": "text/css", "serve.js": "text/javascript"}
+STATIC = {"explorer.css": "text/css", "common.js": "text/javascript", "serve.js": "text/javascript"}
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; connect-src 'self'; "
        "img-src 'self' data:; frame-src 'self'; base-uri 'none'; form-action 'none'")
 
@@ -150,7 +150,9 @@ def make_app(*, model: str = "smollm2", max_models: int = 2, max_texts: int = 4)
         def forward():
             with models.lock(name):  # one forward at a time per model; waiting threads queue here
                 loaded = models.get(name)
-                return loaded, TextState(loaded, text, lock=models.lock(name))
+                state = TextState(loaded, text, lock=models.lock(name))
+            release_memory()  # the forward's transients (GiBs at 8k tokens) go back to the system
+            return loaded, state
         loaded, state = await anyio.to_thread.run_sync(forward)
         key = texts.add(state)
         return JSONResponse({"id": key, "model": loaded.name, "tokens": state.tokens, "words": state.spans,
@@ -486,6 +488,7 @@ _PAGE = """<!DOCTYPE html>
  selected token</h2> <button id="views">Show</button>
  <iframe id="viewframe" hidden sandbox="allow-scripts" title="head and model views"
   style="width:100%;height:760px;border:1px solid #e2e8f0"></iframe></section>
+<script src="/static/common.js"></script>
 <script src="/static/serve.js"></script>
 </body>
 </html>

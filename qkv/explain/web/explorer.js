@@ -33,23 +33,7 @@
     return out;
   }
 
-  // Text that can be seen: control characters escaped, white-space-only and empty tokens as symbols.
-  function visible(s) {
-    if (s === "") return "''";
-    const sym = {" ": "\u2423", "\t": "\u21e5", "\n": "\u21b5", "\r": "\u240d"};
-    if (/^\s+$/.test(s)) {
-      return Array.from(s).map((c) => sym[c] || "\\u" + c.charCodeAt(0).toString(16).padStart(4, "0")).join("");
-    }
-    return s.replace(/[\n\r\t]/g, (c) => sym[c])
-            .replace(/[\u0000-\u001f\u007f-\u009f\u2028\u2029]/g,
-                     (c) => "\\x" + c.charCodeAt(0).toString(16).padStart(2, "0"));
-  }
-  function el(tag, cls, text) {
-    const e = document.createElement(tag);
-    if (cls) e.className = cls;
-    if (text !== undefined) e.textContent = text;
-    return e;
-  }
+  const el = QKV.el, visible = QKV.visible, fmt = QKV.fmt;
 
   // -- rows: {vals: Float64Array(K), known: Uint8Array|null (null = every key known), rest} ----------
   function renorm(row) {  // the record's without_sink rule: drop key 0, divide by the rest's sum if > 0
@@ -149,7 +133,6 @@
   }
 
   // -- drawing ---------------------------------------------------------------------------------------
-  function fmt(v) { return Number.isFinite(v) ? v.toFixed(4) : String(v); }
   function renderBars() {
     const box = $("bars");
     box.replaceChildren();
@@ -179,19 +162,17 @@
     $("caption").textContent = captionText();
   }
   function barEl(label, v, top, key, self) {
-    const b = el("div", "bar"), fill = el("span", "fill"), track = el("span", "track");
-    if (key !== null) { b.dataset.key = String(key); b.dataset.value = String(v); }
-    else b.dataset.rest = String(v);
-    if (self) b.classList.add("self");
-    if (!Number.isFinite(v)) b.classList.add("bad");
-    const lab = el("span", "label", visible(label));
-    lab.title = label;
-    if (key !== null && !ST.words && D.key_roles.length) lab.title = label + " [" + D.key_roles[key] + "]";
-    if (v < 0) b.classList.add("neg");
-    fill.style.width = (Number.isFinite(v) && top > 0 ? Math.min(1, Math.abs(v) / top) * 100 : 0) + "%";
-    track.appendChild(fill);
-    b.append(lab, track, el("span", "num", fmt(v)));
+    const b = QKV.barEl(label, v, top, {key: key, self: self});
+    if (key !== null && !ST.words && D.key_roles.length) b.querySelector(".label").title = label + " [" + D.key_roles[key] + "]";
     return b;
+  }
+  function shownBars() {  // the bars on screen as labels and values (the exports' numbers)
+    const labels = [], values = [];
+    $("bars").querySelectorAll(".bar").forEach((b) => {
+      labels.push(b.dataset.label);
+      values.push(Number(b.dataset.key !== undefined ? b.dataset.value : b.dataset.rest));
+    });
+    return {labels: labels, values: values};
   }
   function sinkKeys() {  // bar indices (tokens or words) that hold a detected attention sink
     const sink = ST.nosink && D.sink_available, out = new Set();
@@ -408,6 +389,13 @@
     $("words").addEventListener("change", readControls);
     $("nosink").addEventListener("change", readControls);
     $("nosink").disabled = !D.sink_available;
+    $("csv").addEventListener("click", () => { const r = shownBars(); QKV.download("qkv-row.csv", "text/csv", QKV.csvBars(r.labels, r.values)); });
+    $("json").addEventListener("click", () => {
+      const r = shownBars();
+      QKV.download("qkv-row.json", "application/json", JSON.stringify({caption: $("caption").textContent,
+        keys: r.labels, values: r.values}, null, 1));
+    });
+    $("svg").addEventListener("click", () => { const r = shownBars(); QKV.download("qkv-row.svg", "image/svg+xml", QKV.svgBars(r.labels, r.values, $("caption").textContent)); });
     const qi = D.queries.indexOf(D.initial_query);
     ST.q = qi >= 0 && L > 0 && H > 0 ? qi : null;
     renderAll();

@@ -1,25 +1,15 @@
 "use strict";
 // qkv serve's page: submits a text, draws its tokens (only the blocks in view), and asks the server for
 // the clicked token's row in the chosen measure, layer and head. Every string from the server or the
-// user reaches the page through textContent (never as markup). The bars use explorer.css, shared with
-// the offline explorer of `qkv explain --html`.
+// user reaches the page through textContent (never as markup). The bars, the token display and the exports
+// come from common.js and the styles from explorer.css, both shared with the offline explorer of `qkv
+// explain --html`, whose head and model views (explorer.js) the page shows in a frame.
 (function () {
   const $ = (id) => document.getElementById(id);
   const BLOCK = 400;  // tokens per block of the token strip; blocks out of view hold no token elements
   const ST = {text: null, query: null, row: null, gen: null, genToken: null, source: "text"};
 
-  function el(tag, cls, text) {
-    const e = document.createElement(tag);
-    if (cls) e.className = cls;
-    if (text !== undefined) e.textContent = text;
-    return e;
-  }
-  function visible(s) {  // whitespace and control characters made visible, as in the offline explorer
-    if (s === "") return "''";
-    const sym = {" ": "\u2423", "\t": "\u21e5", "\n": "\u21b5", "\r": "\u240d"};
-    if (/^\s+$/.test(s)) return Array.from(s).map((c) => sym[c] || "\u2420").join("");
-    return s.replace(/[\n\r\t]/g, (c) => sym[c]).replace(/[\u0000-\u001f\u007f-\u009f\u2028\u2029]/g, "\ufffd");
-  }
+  const el = QKV.el, visible = QKV.visible;
   function showError(msg) {
     $("error").textContent = msg;
     $("error").hidden = !msg;
@@ -128,15 +118,10 @@
     let top = 0;
     r.values.forEach((v) => { if (Math.abs(v) > top) top = Math.abs(v); });
     r.keys.forEach((label, i) => {
-      const b = el("div", "bar"), fill = el("span", "fill"), track = el("span", "track");
-      b.dataset.key = String(i); b.dataset.value = String(r.values[i]);
-      if (i === r.own) b.classList.add("self");
-      if (r.values[i] < 0) b.classList.add("neg");
-      const lab = el("span", "label", visible(label));
-      lab.title = label;
-      fill.style.width = (top > 0 ? Math.abs(r.values[i]) / top * 100 : 0) + "%";
-      track.appendChild(fill);
-      b.append(lab, track, el("span", "num", r.values[i].toFixed(4)));
+      const b = QKV.barEl(label, r.values[i], top, {key: i, self: i === r.own});
+      if (!$("words").checked && ST.source === "text" && sinks.has(i + (r.sink_removed ? 1 : 0))) {
+        b.classList.add("sink"); b.querySelector(".label").textContent += " \u25c0 sink";
+      }
       box.appendChild(b);
     });
     const where = ($("layer").value === "-1" ? "all layers" : "layer " + $("layer").value) + ", " +
@@ -216,42 +201,6 @@
   }
 
   // -- exports ------------------------------------------------------------------------------------------
-  function download(name, type, text) {
-    const a = el("a");
-    a.href = URL.createObjectURL(new Blob([text], {type: type}));
-    a.download = name;
-    document.body.appendChild(a); a.click(); a.remove();
-  }
-  function svgText() {  // the bar chart as an SVG document, built as a DOM tree so every label is escaped
-    const NS = "http://www.w3.org/2000/svg", r = ST.row, rowH = 18, w = 640;
-    const svg = document.createElementNS(NS, "svg");
-    svg.setAttribute("xmlns", NS);
-    svg.setAttribute("width", String(w));
-    svg.setAttribute("height", String(rowH * (r.keys.length + 2)));
-    const title = document.createElementNS(NS, "text");
-    title.setAttribute("x", "4"); title.setAttribute("y", "14");
-    title.textContent = $("caption").textContent;
-    svg.appendChild(title);
-    let top = 0;
-    r.values.forEach((v) => { top = Math.max(top, Math.abs(v)); });
-    r.keys.forEach((k, i) => {
-      const y = rowH * (i + 1) + 4, label = document.createElementNS(NS, "text");
-      label.setAttribute("x", "150"); label.setAttribute("y", String(y + 12));
-      label.setAttribute("text-anchor", "end");
-      label.textContent = visible(k);
-      const bar = document.createElementNS(NS, "rect");
-      bar.setAttribute("x", "156"); bar.setAttribute("y", String(y + 2));
-      bar.setAttribute("height", String(rowH - 4));
-      bar.setAttribute("width", String(top > 0 ? Math.abs(r.values[i]) / top * 400 : 0));
-      bar.setAttribute("fill", r.values[i] < 0 ? "#dd6b20" : "#3182ce");
-      const num = document.createElementNS(NS, "text");
-      num.setAttribute("x", "566"); num.setAttribute("y", String(y + 12));
-      num.textContent = r.values[i].toFixed(4);
-      svg.append(label, bar, num);
-    });
-    return new XMLSerializer().serializeToString(svg);
-  }
-
   // -- the heatmap: a layer's rows x keys on a canvas; drag a rectangle to zoom in, double-click to zoom out --
   const HEAT = {range: null, data: null, vals: null, drag: null};
   function heatParams(range) {
@@ -335,11 +284,14 @@
     });
     $("csv").addEventListener("click", () => {
       if (ST.row && ST.source === "text") location.href = "/api/texts/" + ST.text.id + "/row.csv?" + rowParams();
-      else if (ST.row) download("qkv-row.csv", "text/csv", "key,value\n" + ST.row.keys.map((k, i) =>
-        JSON.stringify(k) + "," + ST.row.values[i]).join("\n") + "\n");
+      else if (ST.row) QKV.download("qkv-row.csv", "text/csv", QKV.csvBars(ST.row.keys, ST.row.values));
     });
-    $("json").addEventListener("click", () => { if (ST.row) download("qkv-row.json", "application/json", JSON.stringify(ST.row, null, 1)); });
-    $("svg").addEventListener("click", () => { if (ST.row) download("qkv-row.svg", "image/svg+xml", svgText()); });
+    $("json").addEventListener("click", () => {
+      if (ST.row) QKV.download("qkv-row.json", "application/json", JSON.stringify(ST.row, null, 1));
+    });
+    $("svg").addEventListener("click", () => {
+      if (ST.row) QKV.download("qkv-row.svg", "image/svg+xml", QKV.svgBars(ST.row.keys, ST.row.values, $("caption").textContent));
+    });
     $("png").addEventListener("click", () => {
       if (ST.row && ST.source === "text") location.href = "/api/texts/" + ST.text.id + "/row.png?" + rowParams();
       else if (ST.row) showError("a PNG is made for a row of the text; for a generated token use SVG, CSV or JSON");
