@@ -14,11 +14,14 @@ HELP = "commands: /reset forgets the conversation, /exit (or Ctrl-D) quits"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--system", help="a system message for the whole conversation")
+    p.add_argument("--show-prompt", action="store_true", help="before each reply, print the whole prompt the model "
+                   "reads, control tokens marked ⟨like this⟩, to standard error")
     add_sampling_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..generate import generate, prompt_ids
+    from ..text.inspect import marked_prompt
 
     loaded = load_model(args)
     if loaded.chat_template is None:
@@ -40,6 +43,8 @@ def run(args: argparse.Namespace) -> int:
             continue
         history.append({"role": "user", "content": line})
         ids = _fit(loaded, history, args.system, opts["max_new_tokens"], n_ctx, prompt_ids)
+        if args.show_prompt:
+            print(marked_prompt(loaded.tokenizer, ids), file=sys.stderr, flush=True)
         reply = []
         for piece in generate(loaded, history, system=args.system, ids=ids, **opts):
             sys.stdout.write(piece.text)

@@ -16,6 +16,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", help="a system message (with --chat)")
     p.add_argument("--show-template", action="store_true", help="print the rendered chat prompt and its template hash "
                    "to standard error first")
+    p.add_argument("--show-prompt", action="store_true", help="print the prompt the model reads, control tokens "
+                   "marked ⟨like this⟩, to standard error first")
     p.add_argument("--html", metavar="FILE", help="also write an HTML explorer of each generated token's attention "
                    "over the prompt and the tokens before it (all layers and heads)")
     add_sampling_arguments(p)
@@ -32,6 +34,10 @@ def run(args: argparse.Namespace) -> int:
     if args.show_template and loaded.chat_template is not None:
         print(f"[template sha256 {loaded.chat_template.sha256[:16]}]", file=sys.stderr)
         print(loaded.tokenizer.decode(ids), file=sys.stderr)
+    if args.show_prompt:
+        from ..text.inspect import marked_prompt
+
+        print(marked_prompt(loaded.tokenizer, ids), file=sys.stderr, flush=True)
     out = sys.stdout
     if args.html:
         return _generate_with_html(loaded, prompt, args, out)

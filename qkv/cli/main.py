@@ -16,6 +16,8 @@ SUBCOMMANDS = {
     "byhand": "self-attention by hand: every number of one head (or two), exact and approximated",
     "generate": "continue a prompt (or answer one chat message) with a language model, streaming",
     "chat": "a multi-turn conversation with a language model",
+    "tokenize": "the tokens of a text: ids, vocabulary pieces, bytes, special tokens; --chat: through the chat template",
+    "next": "the next-token distribution after a text at several temperatures, and what top-k/top-p/min-p keep",
     "info": "architecture, sizes, quantisation, context, tokenizer and chat template of a model",
     "embed": "sentence embeddings from an encoder (minilm) and their cosine similarities",
     "train": "train the 2017 encoder–decoder on a built-in task, or a decoder LM on a text file",
