@@ -273,7 +273,7 @@ def _row(texts: Texts, params: dict, key: str) -> dict:
                        foil=params.get("foil") or None)
     view = rec.without_sink() if nosink and not rec.sink_removed and len(rec.key_tokens) > 1 else rec
     labels, values, own = view.chart(positions, layer=layer, head=head, words=words, measure=measure)
-    out = {"keys": labels, "values": [float(v) for v in values], "own": own, "measure": measure,
+    out = {"keys": labels, "values": values.tolist(), "own": own, "measure": measure,
            "definition": DEFINITIONS[measure], "sinks": view.sinks, "positions": positions,
            "sink_removed": view.sink_removed}
     if measure == "logit":
@@ -400,7 +400,7 @@ def _generation_row(generations: Texts, params: dict, key: str) -> dict:
         if value is not None and not 0 <= value < n:
             raise BadRequest(f"{what} {value} is out of range: the model has {n} {what}s, numbered 0..{n - 1}")
     labels, values, own = rec.chart([rec.queries[token]], layer=layer, head=head, words=False)
-    return {"keys": labels, "values": [float(v) for v in values], "own": own, "positions": [rec.queries[token]],
+    return {"keys": labels, "values": values.tolist(), "own": own, "positions": [rec.queries[token]],
             "measure": "weights", "definition": DEFINITIONS["weights"] + "; row = the query that produced the token",
             "roles": rec.key_roles, "sinks": [], "sink_removed": False}
 

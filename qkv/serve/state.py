@@ -34,6 +34,7 @@ MAX_WHOLE_TOKENS = 512  # mixing and rollout kept as (L, T, T) float32 maps: ~63
 SINK_SAMPLE = 64  # rows sampled (evenly, the last included) to find the sinks of a long text
 HEATMAP_CELLS = 1024  # the most cells a heatmap answer has per side
 HEAT_CHUNK = 256  # query rows computed at a time for a heatmap
+FEW_ROWS = 4  # up to this many rows (a click), the per-layer norms of all layers in one einsum
 
 
 def _own(t: torch.Tensor) -> torch.Tensor:
@@ -90,6 +91,14 @@ class TextState:
             vh = lambda i: M.expand_heads(self.v[i], self.n_heads)  # noqa: E731
             self.value_norms = torch.stack([M.value_norms(vh(i), w) for i, w in enumerate(wo)])  # (L, H, T)
             self.grams = [M.key_grams(vh(i), w) for i, w in enumerate(wo)]  # L x (T, H, H)
+        self.stacked = all(m is None for m in self.mask)  # one batched product over the layers per click
+        if self.stacked:
+            self.q_all, self.k_all = torch.stack(self.q), torch.stack(self.k)  # (L, H, T, D), (L, K, T, D)
+            self.q, self.k = list(self.q_all.unbind(0)), list(self.k_all.unbind(0))
+            for s, q, k in zip(keep.layers, self.q, self.k):  # the per-layer originals are freed
+                s["q"], s["k"] = q, k
+            self.grams_all = torch.stack(self.grams)  # (L, T, H, H)
+            self.grams = list(self.grams_all.unbind(0))
         self.keep = keep
         self.sinks = self._sinks()
         self.whole: AttentionRecord | None = None  # mixing and rollout of every row, on first request
@@ -111,12 +120,18 @@ class TextState:
         return weight_rows(self.q[layer][None], self.k[layer][None], rows, mask=self.mask[layer],
                            causal=self.causal)[0].float()
 
+    def _alpha_layers(self, rows: list[int]) -> torch.Tensor:
+        """Exact weights (L, H, R, T) of the rows in every layer: one batched product when no layer has a mask."""
+        if self.stacked:
+            return weight_rows(self.q_all, self.k_all, rows, causal=self.causal).float()
+        return torch.stack([self._alpha(layer, rows) for layer in range(self.n_layers)])
+
     def _sinks(self) -> list[dict]:
         t = len(self.ids)
         n = min(t, SINK_SAMPLE)
         rows = sorted({round(i * (t - 1) / max(1, n - 1)) for i in range(n)})  # every row of a short text
         with torch.inference_mode():
-            w = torch.stack([self._alpha(layer, rows) for layer in range(self.n_layers)])  # (L, H, R, T)
+            w = self._alpha_layers(rows)  # (L, H, R, T)
         return find_sinks(w, self.value_norms, rows, self.tokens, causal=self.causal)
 
     @torch.inference_mode()
@@ -131,7 +146,7 @@ class TextState:
         if wanted - set(SERVED_MEASURES):
             raise InputError(f"the live explorer computes {', '.join(SERVED_MEASURES)}; "
                              f"{', '.join(sorted(wanted - set(SERVED_MEASURES)))}: use qkv explain")
-        alpha = torch.stack([self._alpha(layer, queries) for layer in range(self.n_layers)])  # (L, H, Q, T)
+        alpha = self._alpha_layers(queries)  # (L, H, Q, T)
         maps = {}
         if wanted & set(WHOLE_MEASURES):
             whole = self._whole()
@@ -141,7 +156,12 @@ class TextState:
                 maps[name] = MeasureMap(name, layers=m.layers[:, rows], model=m.model[rows])
         if "norms" in wanted:
             heads = M.shares(alpha * self.value_norms[:, :, None, :])
-            layers = torch.stack([M.shares(M.layer_norms(alpha[i], self.grams[i])) for i in range(self.n_layers)])
+            if self.stacked and len(queries) <= FEW_ROWS:  # ‖Σ_h α^h_ij f^h_j‖ for every layer at once
+                sq = torch.einsum("lhrs,lshg,lgrs->lrs", alpha, self.grams_all, alpha)
+                layers = M.shares(sq.clamp(min=0).sqrt())
+            else:
+                layers = torch.stack([M.shares(M.layer_norms(alpha[i], self.grams[i]))
+                                      for i in range(self.n_layers)])
             maps["norms"] = MeasureMap("norms", heads=heads, layers=layers)
         if "logit" in wanted:
             maps["logit"] = self._logit(queries, alpha, target, foil)
