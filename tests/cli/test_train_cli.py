@@ -88,8 +88,8 @@ def test_live_explorer_refuses_an_encoder_decoder_in_one_line(reverse_run):
 
 
 def test_cross_attention_norms_and_refused_measures(reverse_run, capsys):
-    """Cross-attention gives weights and norms (‖α·W_O v‖ over the source tokens); mixing, rollout and logit
-    follow a residual stream the encoder–decoder's capture does not trace: one line, exit 2."""
+    """Cross-attention gives weights, norms (‖α·W_O v‖ over the source tokens) and mixing (ALTI+: the source
+    shares and the target prefix's rest sum to 1); rollout and logit are refused: one line, exit 2."""
     code, out, err = cli(capsys, "explain", "abc", "--model", reverse_run, "--format", "json",
                          "--measure", "norms,weights", "--head", "1")
     assert code == 0, err
@@ -99,9 +99,13 @@ def test_cross_attention_norms_and_refused_measures(reverse_run, capsys):
     assert all(abs(sum(row) - 1) < 1e-4 for row in norms) and norms != weights
     code, out, err = cli(capsys, "explain", "abc", "--model", reverse_run, "--measure", "norms")
     assert code == 0 and "norms ‖α·W_O v‖ as shares, layer 0, norm of the sum over heads" in out, out
-    for measure in ("mixing", "rollout", "logit"):
+    code, out, err = cli(capsys, "explain", "abc", "--model", reverse_run, "--measure", "mixing", "--format", "json")
+    assert code == 0, err
+    mixing = json.loads(out)["measures"]["mixing"]
+    assert all(abs(sum(row) + rest - 1) < 1e-4 for row, rest in zip(mixing["values"], mixing["target_share"]))
+    for measure in ("rollout", "logit"):
         code, out, err = cli(capsys, "explain", "abc", "--model", reverse_run, "--measure", measure)
-        assert code == 2 and out == "" and "gives weights and norms" in err and err.count("\n") == 1, err
+        assert code == 2 and out == "" and "gives weights, norms and mixing" in err and err.count("\n") == 1, err
 
 
 def test_export_a_trained_lm_and_generate_from_it(tmp_path, capsys):
