@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test test-isa bench llamacpp clean
+.PHONY: setup demo test test-isa bench llamacpp clean tour
 
 setup: $(STAMP)
 
@@ -31,6 +31,10 @@ test: setup
 # capped at AVX2 / AVX512-BF16 / AMX, PyTorch's ATen at default / avx2 / avx512); see tests/isa_matrix.py.
 test-isa: setup
 	$(BIN)/python tests/isa_matrix.py
+
+# docs/tour.md and docs/tour/*.png: every part of the LLM, one command each, run on this machine (~1 minute)
+tour: setup
+	$(BIN)/python docs/make_tour.py
 
 bench: setup
 	$(BIN)/python bench/attention.py

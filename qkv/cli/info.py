@@ -1,4 +1,8 @@
-"""``qkv info`` — what a model is: architecture, sizes, quantisation, context, tokenizer, chat template."""
+"""``qkv info`` — what a model is: architecture, sizes, quantisation, context, tokenizer, chat template.
+
+``--tree``: every component with its shape, parameters and bytes (file and runtime dtypes) and the
+architecture diagram with this model's numbers (qkv.explain.anatomy). ``--hardware``: which kernels this
+machine runs, with a short measured matmul rate — no model needed (qkv.explain.hardware)."""
 
 from __future__ import annotations
 
@@ -12,6 +16,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("name", nargs="?", help="model (same as --model)")
     p.add_argument("--format", choices=["text", "json"], default="text")
+    view = p.add_mutually_exclusive_group()
+    view.add_argument("--tree", action="store_true",
+                      help="the architecture as a tree (shapes, parameters, bytes per dtype) and as a diagram")
+    view.add_argument("--hardware", action="store_true",
+                      help="this machine: CPU flags, PyTorch build and kernels, GPU, a measured matmul rate "
+                           "(no model)")
+    p.add_argument("--matmul-seconds", type=float, default=0.3, metavar="S",
+                   help="with --hardware: time each matmul dtype for about S seconds (default 0.3)")
 
 
 ARCHITECTURES = {  # config class -> one line on what the model is
@@ -22,6 +34,8 @@ ARCHITECTURES = {  # config class -> one line on what the model is
 
 def describe(loaded) -> dict:
     c = loaded.config
+    if not hasattr(c, "num_hidden_layers"):  # a `qkv train` encoder–decoder run: its own config fields
+        return _describe_other(loaded)
     tok = loaded.tokenizer
     scaling = getattr(c, "rope_scaling", None)  # encoders have no RoPE fields: shown as "—"
     d = {
@@ -45,13 +59,29 @@ def describe(loaded) -> dict:
     return d
 
 
+def _describe_other(loaded) -> dict:
+    import dataclasses
+
+    c = loaded.config
+    params = {id(p): p for p in loaded.model.parameters()}.values()
+    return {"name": loaded.name, "source": str(loaded.source), "format": loaded.format,
+            "architecture": type(loaded.model).__name__, "parameters": sum(p.numel() for p in params),
+            "config": dataclasses.asdict(c) if dataclasses.is_dataclass(c) else None,
+            "checkpoint": loaded.info.get("checkpoint"), "dtype": str(loaded.dtype).replace("torch.", ""),
+            "device": str(loaded.device), "load_seconds": loaded.info.get("load_seconds")}
+
+
 def _tok(tok, i):
     return None if i is None else f"{tok.id_to_token(i)} ({i})"
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.hardware:
+        return _hardware(args)
     if args.name:
         args.model = args.name
+    if args.tree:
+        return _tree(args)
     d = describe(load_model(args))
     if args.format == "json":
         print(json.dumps(d, indent=2, ensure_ascii=False))
@@ -67,4 +97,33 @@ def run(args: argparse.Namespace) -> int:
             v = ", ".join(map(str, v))
         t.add_row(f"[bold]{k}[/bold]", "—" if v is None else str(v), )
     Console().print(t)
+    return 0
+
+
+def _tree(args: argparse.Namespace) -> int:
+    from ..explain.anatomy import anatomy, render_diagram, render_tree
+
+    a = anatomy(load_model(args))
+    if args.format == "json":
+        print(json.dumps(a.to_dict(), indent=2, ensure_ascii=False))
+    else:
+        print(render_tree(a))
+        print(render_diagram(a), end="")
+    return 0
+
+
+def _hardware(args: argparse.Namespace) -> int:
+    from ..errors import InputError
+    from ..explain.hardware import hardware_report, render_hardware
+
+    if args.name:
+        raise InputError(f"--hardware describes this machine, not a model: drop {args.name!r} "
+                         "(or use --tree for a model's anatomy)")
+    if not 0 < args.matmul_seconds <= 60:
+        raise InputError(f"--matmul-seconds must be in (0, 60], got {args.matmul_seconds}")
+    r = hardware_report(seconds=args.matmul_seconds)
+    if args.format == "json":
+        print(json.dumps(r, indent=2))
+    else:
+        print(render_hardware(r), end="")
     return 0

@@ -16,7 +16,8 @@ SUBCOMMANDS = {
     "byhand": "self-attention by hand: every number of one head (or two), exact and approximated",
     "generate": "continue a prompt (or answer one chat message) with a language model, streaming",
     "chat": "a multi-turn conversation with a language model",
-    "tokenize": "the tokens of a text: ids, vocabulary pieces, bytes, special tokens; --chat: through the chat template",
+    "tokenize": "the tokens of a text: ids, vocabulary pieces, bytes, special tokens; --chat: through the "
+                "chat template",
     "next": "the next-token distribution after a text at several temperatures, and what top-k/top-p/min-p keep",
     "info": "architecture, sizes, quantisation, context, tokenizer and chat template of a model",
     "embed": "sentence embeddings from an encoder (minilm) and their cosine similarities",
@@ -24,25 +25,35 @@ SUBCOMMANDS = {
     "eval": "held-out metrics of a training run (exact match, or loss and perplexity)",
     "export": "write a Llama-architecture model (e.g. a trained run) as a Hugging Face directory or a GGUF file",
     "serve": "the live attention explorer in the browser: any text, every row on demand, exports",
+    "rope": "a model's RoPE: each pair's frequency and wavelength, and q·k against relative distance (text, PNG)",
+    "embed-space": "a token's nearest tokens in the input embedding, and its hidden state in a text after layer L "
+                   "against the same rows",
+    "layers": "what each layer does to one position: stream norms, attention/MLP shares, RMSNorm, gate, logit lens",
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = "*") -> argparse.ArgumentParser:
+    """The whole parser (``only="*"``), or one whose only complete subcommand is ``only`` (None: none) — the
+    others keep their names and help lines. A command imports only its own module: `qkv explain` does not
+    pay for the training package's imports (seconds of `torch.distributed`)."""
     from .. import __version__
 
     parser = argparse.ArgumentParser(prog="qkv", description="qkv — run, trust and see the attention mechanism.")
     parser.add_argument("--version", action="version", version=f"qkv {__version__}")
     subs = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in SUBCOMMANDS.items():
-        module = importlib.import_module(f"qkv.cli.{name}")
         sub = subs.add_parser(name, help=help_text, description=help_text)
-        module.add_arguments(sub)
-        sub.set_defaults(_run=module.run)
+        if only in ("*", name):
+            module = importlib.import_module(f"qkv.cli.{name.replace('-', '_')}")
+            module.add_arguments(sub)
+            sub.set_defaults(_run=module.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)  # options before it are qkv's own
+    parser = build_parser(command if command in SUBCOMMANDS else None)
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
         parser.print_help()

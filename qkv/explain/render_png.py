@@ -306,3 +306,24 @@ def _png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
+
+
+# -- the house style for renderers elsewhere in qkv (lecture views) ---------------------------------------
+
+@contextlib.contextmanager
+def styled_figure(width: float, height: float):
+    """A new ``width`` x ``height`` inch figure in the house style (literal text, font fallbacks, Agg canvas,
+    no pyplot). Draw on it and call :func:`save_figure` inside the ``with`` block."""
+    with _style():
+        yield _new_figure(width, height)
+
+
+def save_figure(fig, path: str | os.PathLike, default_name: str) -> Path:
+    """Write ``fig`` as a PNG atomically, every text object literal; a directory as ``path`` gets a sanitised
+    file name made from ``default_name``. Returns the path written."""
+    return _save(fig, path, default_name)
+
+
+def wrapped_title(ax, width_in: float, title: str) -> None:
+    """A left-aligned title wrapped to a figure ``width_in`` inches wide."""
+    _title(ax, width_in, title)
