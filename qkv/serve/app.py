@@ -45,6 +45,7 @@ from ..explain.measures import DEFINITIONS
 from .state import MAX_WHOLE_TOKENS, SERVED_MEASURES, WHOLE_MEASURES, TextState
 
 MAX_BODY = 1 << 20  # bytes of a request body: ~8k tokens of text fit many times over
+DRAIN_LIMIT = 16 << 20  # an oversize body up to this is read (and dropped) before the 413; beyond, refused at once
 STATIC = {"explorer.css": "text/css", "common.js": "text/javascript", "serve.js": "text/javascript"}
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; connect-src 'self'; "
        "img-src 'self' data:; frame-src 'self'; base-uri 'none'; form-action 'none'")
@@ -233,8 +234,14 @@ def release_memory() -> None:
 
 
 async def _json_body(request: Request) -> dict:
-    size = int(request.headers.get("content-length") or 0)
+    try:
+        size = int(request.headers.get("content-length") or 0)
+    except ValueError:
+        raise BadRequest("the Content-Length header is not a number") from None
     if size > MAX_BODY:
+        if size <= DRAIN_LIMIT:  # read and drop a modest excess, so that the client sees the answer (closing
+            async for _ in request.stream():  # with its body unread would reset the connection under it)
+                pass
         raise BadRequest(f"the request is {size} bytes; the limit is {MAX_BODY}", 413)
     raw = b""
     async for chunk in request.stream():
