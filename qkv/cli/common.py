@@ -49,3 +49,18 @@ def load_model(args: argparse.Namespace):
             raise InputError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     return load(args.model, dtype=args.dtype, device=args.device)
+
+
+def emit(args: argparse.Namespace, view, render, png=None) -> int:
+    """A lecture command's output: the figure first (``--png``, with ``png(view, path)``), then the view as
+    JSON (``view.to_dict()``, ``--format json``) or as text (``render(view)``)."""
+    import json
+    import sys
+
+    if png is not None and getattr(args, "png", None):
+        print(f"[qkv: wrote {png(view, args.png)}]", file=sys.stderr)
+    if args.format == "json":
+        print(json.dumps(view.to_dict(), ensure_ascii=False))
+    else:
+        sys.stdout.write(render(view))
+    return 0

@@ -4,11 +4,10 @@ added by attention and the MLP, the RMSNorm scales, the SwiGLU gate, and the log
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from ..errors import InputError
-from .common import add_model_arguments, load_model
+from .common import add_model_arguments, emit, load_model
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -43,11 +42,4 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_model(args)
     lens = layer_lens(loaded, text, word=args.token, occurrence=args.occurrence, top=args.top,
                       gate_threshold=args.gate_threshold)
-    if args.png:
-        written = layers_png(lens, args.png)
-        print(f"[qkv: wrote {written}]", file=sys.stderr)
-    if args.format == "json":
-        print(json.dumps(lens.to_dict(), ensure_ascii=False))
-    else:
-        sys.stdout.write(render_layers(lens))
-    return 0
+    return emit(args, lens, render_layers, layers_png)

@@ -4,11 +4,10 @@ tokens top-k / top-p / min-p keep (qkv generate's own samplers, applied after te
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from ..errors import InputError
-from .common import add_model_arguments, load_model
+from .common import add_model_arguments, emit, load_model
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,11 +45,4 @@ def run(args: argparse.Namespace) -> int:
     dist = next_token_distribution(loaded, text, temperatures=args.temperatures, top_k=args.top_k,
                                    top_p=args.top_p, min_p=args.min_p, top=args.show, chat=args.chat,
                                    system=args.system)
-    if args.png:
-        written = next_png(dist, args.png)
-        print(f"[qkv: wrote {written}]", file=sys.stderr)
-    if args.format == "json":
-        print(json.dumps(dist.to_dict(), ensure_ascii=False))
-    else:
-        sys.stdout.write(render_next(dist))
-    return 0
+    return emit(args, dist, render_next, next_png)

@@ -4,10 +4,8 @@ product of a fixed query and key changes with their distance once both are rotat
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 
-from .common import add_model_arguments, load_model
+from .common import add_model_arguments, emit, load_model
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,10 +31,4 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_model(args)
     view = rope_view(loaded, max_distance=args.max_distance, vectors=args.vectors, seed=args.seed,
                      offset=args.offset)
-    if args.png:
-        print(f"[qkv: wrote {rope_png(view, args.png)}]", file=sys.stderr)
-    if args.format == "json":
-        print(json.dumps(view.to_dict(), ensure_ascii=False))
-    else:
-        sys.stdout.write(render_rope(view))
-    return 0
+    return emit(args, view, render_rope, rope_png)
