@@ -46,9 +46,23 @@ bench: setup
 	$(BIN)/python bench/train.py
 
 # Optional peer for bench/llm.py (not needed by the tests): llama.cpp through llama-cpp-python, built from
-# source here (no wheel for this CPU build; ~9 minutes on 2 cores). bench/llm.py reports it skipped without it.
+# source here (~9 minutes on 2 cores) with GGML_NATIVE=OFF, the x86 extensions this CPU has and AMX off
+# (bench/llamacpp_flags.py: a native build on an AMX machine dies with an illegal instruction on prompts).
+# bench/llm.py reports it skipped without it.
 llamacpp: setup
-	CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/python -m pip install -q llama-cpp-python==0.3.36
+	CMAKE_ARGS="$$($(BIN)/python bench/llamacpp_flags.py)" CMAKE_BUILD_PARALLEL_LEVEL=2 \
+		$(BIN)/python -m pip install -q --no-cache-dir llama-cpp-python==0.3.36
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
+
+# Structure-aware fuzzing of every reader of untrusted input (fuzz/, SECURITY.md): FUZZ_CASES cases per reader
+# (GGUF, safetensors, config.json, tokenizer files, chat templates, user text), each in a child forked from a
+# warmed-up parent, with wall-time and memory limits; FUZZ_JOBS children at a time. Exits 1 on any untyped
+# error, hang, memory blow-up or crash. Replay one case: .venv/bin/python -m fuzz --reader gguf --replay INDEX
+FUZZ_CASES ?= 10000
+FUZZ_JOBS ?= 2
+FUZZ_SEED ?= 0
+.PHONY: fuzz
+fuzz: setup
+	$(BIN)/python -m fuzz --cases $(FUZZ_CASES) --jobs $(FUZZ_JOBS) --seed $(FUZZ_SEED) $(FUZZ_ARGS)

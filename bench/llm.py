@@ -1,20 +1,24 @@
-"""SmolLM2-135M-Instruct end to end: qkv vs Hugging Face transformers (and llama.cpp where installed).
+"""SmolLM2-135M-Instruct end to end: qkv vs llama.cpp (where installed) and Hugging Face transformers.
 
+    make llamacpp                      # once: llama.cpp built for this CPU, AMX off (bench/llamacpp_flags.py)
     .venv/bin/python bench/llm.py [--threads 2] [--new-tokens 128]
 
-Each engine runs in a fresh process on the same GGUF file (transformers dequantises it to float32 and
-runs with attn_implementation="sdpa"; llama-cpp-python, if importable — ``make llamacpp`` builds it — runs
-the Q4_1 file as is):
-load time, prefill tokens/s for 128- and 512-token prompts (median of 7), greedy decode tokens/s over
-``--new-tokens`` new tokens after a 16-token prompt (each engine's own KV cache, a plain loop; median
-of 3 runs), and the process's peak RSS. This 2-core machine is noisy from run to run (±30 % seen on
-single timings), hence the medians and ``--rounds``: the whole set of engines is run that many times,
-interleaved, and each figure is the median over rounds. qkv runs twice: dtype="auto" (float32 weights + int4/float16 copies for
-one-token steps) and dtype="float32" (exact weights only).
+Each engine runs in a fresh process on the same GGUF file: qkv with dtype="auto" (the compact mode: int4
+matrices, int8 unembedding, embedding rows from the mapped file; prompts on weights dequantised per call, in
+bfloat16 on AMX CPUs) and dtype="float32" (exact weights, resident); transformers dequantises the file to
+float32 (attn_implementation="sdpa"); llama-cpp-python runs the Q4_1 file as is. Per engine: load time (qkv's
+compact cache warm), prefill tokens/s for 128- and 512-token prompts (median of 7), greedy decode tokens/s
+over ``--new-tokens`` new tokens after a 16-token prompt, forced past end-of-sequence (median of 3), the
+process's peak RSS, its baseline (right after importing its runtime: qkv, transformers or llama_cpp — the
+llama.cpp process imports neither torch nor qkv) and the peak above it. Ratios are against llama.cpp, or
+transformers without it. The whole set of engines runs ``--rounds`` times, interleaved; each figure is the
+median over rounds (this 2-core machine is noisy: ±30 % on single timings).
 
-Then, because prefill is a near-tie that this noise would otherwise decide, one more process loads qkv
-(both dtypes) and transformers together and times their prefills in turn, ``--paired-reps`` times: the
-per-repetition ratios compare neighbours in time (see ``paired_prefill``).
+Also: qkv's first load with an empty cache (re-packing) and warm; the main job (`qkv explain "He sat on the
+river's bank" --token bank`, process start to exit, warm cache); the compact mode's accuracy against float32
+(greedy tokens, perplexity of decode steps over 2,048 tokens, a 512-token prompt's logits); and, because
+prefill against transformers is a near-tie that noise would decide, one process timing qkv (both dtypes) and
+transformers' prefills in turns, ``--paired-reps`` times.
 """
 
 from __future__ import annotations
@@ -33,12 +37,16 @@ TEXT = ("The history of the transformer architecture begins with attention: a wa
         "hidden states; their dot products, scaled and normalised by a softmax, weigh the values. ")
 
 
-def peak_rss_mb() -> float:
+def peak_rss_mb(field: str = "VmHWM") -> float:
+    """The process's peak resident memory (VmHWM), or with field="VmRSS" the current one."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+BASELINE = {}  # the runtime's own resident memory right after its import, before the model is loaded
 
 
 def prompt_ids(tokenize, n: int) -> list[int]:
@@ -59,6 +67,7 @@ def open_qkv(dtype: str) -> Opened:
 
     import qkv
 
+    BASELINE.setdefault("mb", peak_rss_mb("VmRSS"))
     t0 = time.perf_counter()
     m = qkv.load("smollm2", dtype=dtype, device="cpu")
     load_s = time.perf_counter() - t0
@@ -88,6 +97,7 @@ def open_transformers() -> Opened:
 
     from qkv.weights.embedded import embedded_path
 
+    BASELINE.setdefault("mb", peak_rss_mb("VmRSS"))
     path = embedded_path("smollm2")
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
@@ -121,12 +131,11 @@ def run_transformers(new_tokens: int) -> dict:
 
 
 def run_llamacpp(new_tokens: int, threads: int) -> dict:
-    from llama_cpp import Llama
+    from llama_cpp import Llama  # this process imports neither torch nor qkv: its memory is llama.cpp's
 
-    from qkv.weights.embedded import embedded_path
-
+    BASELINE.setdefault("mb", peak_rss_mb("VmRSS"))
     t0 = time.perf_counter()
-    llm = Llama(model_path=str(embedded_path("smollm2")), n_ctx=1024, n_threads=threads, verbose=False)
+    llm = Llama(model_path=os.environ["QKV_BENCH_GGUF"], n_ctx=1024, n_threads=threads, verbose=False)
     load_s = time.perf_counter() - t0
     tok = lambda s: llm.tokenize(s.encode(), add_bos=False)  # noqa: E731
 
@@ -167,6 +176,8 @@ def measure(load_s, tok, prefill, decode) -> dict:
     res["decode_tok_s"] = statistics.median(rates)
     res["decoded"] = len(out)
     res["peak_rss_mb"] = peak_rss_mb()
+    res["baseline_mb"] = BASELINE.get("mb", float("nan"))
+    res["above_baseline_mb"] = res["peak_rss_mb"] - res["baseline_mb"]
     return res
 
 
@@ -207,18 +218,85 @@ def paired_prefill(engines: list[str], reps: int) -> dict:
     return out
 
 
+def first_load() -> dict:
+    """qkv.load("smollm2") with an empty cache (re-packing included) and then warm, in one process."""
+    import qkv
+
+    t0 = time.perf_counter()
+    m = qkv.load("smollm2")
+    cold = time.perf_counter() - t0
+    assert m.info["compact_cache"].startswith("built"), m.info["compact_cache"]
+    t0 = time.perf_counter()
+    m = qkv.load("smollm2")
+    return {"first_load_s": cold, "warm_load_s": time.perf_counter() - t0}
+
+
+def accuracy(n_ppl: int = 2048) -> dict:
+    """The compact mode (dtype="auto") against the float32 model on fixed texts: greedy tokens on this
+    benchmark's prompt, perplexity of one-token decode steps over the first ``n_ppl`` tokens of the standard
+    library's textwrap source (the test suite uses its first 512), and the error of a 512-token prompt's logits."""
+    import textwrap
+    from pathlib import Path
+
+    import torch
+
+    import qkv
+    from qkv.generate import SamplingOptions, generate_ids
+
+    c, e = qkv.load("smollm2"), qkv.load("smollm2", dtype="float32")
+    out: dict = {"prompt_dtype": c.info["prompt_dtype"]}
+    ids = prompt_ids(c.tokenizer.encode, 16)
+    greedy = [list(generate_ids(m.model, ids, SamplingOptions(temperature=0), max_new_tokens=64)) for m in (c, e)]
+    out["greedy_equal"] = next((i for i, (a, b) in enumerate(zip(*greedy)) if a != b), 64)
+    seq = torch.tensor([c.tokenizer.encode(Path(textwrap.__file__).read_text())[:n_ppl]])
+    with torch.inference_mode():
+        ref = e.model(seq)[0, :-1]
+        cache = c.model.make_cache(1, seq.shape[1])
+        got = torch.cat([c.model(seq[:, i:i + 1], cache=cache)[0] for i in range(seq.shape[1] - 1)])
+        nll = lambda lg: float(torch.nn.functional.cross_entropy(lg.double(), seq[0, 1:]))  # noqa: E731
+        out.update(ppl_float32=2.718281828459045 ** nll(ref), ppl_compact=2.718281828459045 ** nll(got),
+                   decode_logits_max_err=float((got - ref).abs().max()), decode_logits_mean_err=float((got - ref).abs().mean()))
+        p512 = seq[:, :512]
+        a, b = c.model(p512), e.model(p512)
+        lp, lq = torch.log_softmax(b, -1), torch.log_softmax(a, -1)
+        out.update(prompt_logits_max_err=float((a - b).abs().max()), prompt_logits_mean_err=float((a - b).abs().mean()),
+                   prompt_mean_kl=float((lp.exp() * (lp - lq)).sum(-1).mean()))
+    return out
+
+
+def main_job(reps: int, env: dict) -> dict:
+    """`qkv explain "He sat on the river's bank" --token bank`, from process start to exit (warm cache)."""
+    cmd = [sys.executable, "-m", "qkv", "explain", "He sat on the river's bank", "--token", "bank"]
+    times = []
+    for _ in range(reps + 1):
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, capture_output=True, env=env)
+        times.append(time.perf_counter() - t0)
+    imp = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import qkv.cli.main, qkv.cli.explain"], check=True, env=env)
+        imp.append(time.perf_counter() - t0)
+    return {"main_job_s": statistics.median(times[1:]), "import_s": statistics.median(imp)}
+
+
 def worker(engine: str, threads: int, new_tokens: int, reps: int) -> None:
+    if engine == "llama.cpp":  # its process imports neither torch nor qkv: the memory measured is llama.cpp's
+        print(json.dumps(run_llamacpp(new_tokens, threads)))
+        return
     import torch
 
     torch.set_num_threads(threads)
-    if engine.startswith("paired:"):
+    if engine == "first-load":
+        res = first_load()
+    elif engine == "accuracy":
+        res = accuracy()
+    elif engine.startswith("paired:"):
         res = paired_prefill(engine.split(":", 1)[1].split(","), reps)
     elif engine.startswith("qkv-"):
         res = run_qkv(engine.split("-", 1)[1], new_tokens)
-    elif engine == "transformers":
-        res = run_transformers(new_tokens)
     else:
-        res = run_llamacpp(new_tokens, threads)
+        res = run_transformers(new_tokens)
     print(json.dumps(res))
 
 
@@ -237,7 +315,13 @@ def main() -> None:
     if args.worker:
         worker(args.worker, args.threads, args.new_tokens, args.paired_reps)
         return
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", OMP_NUM_THREADS=str(args.threads))
+    import tempfile
+
+    from qkv.weights.embedded import embedded_path
+
+    cache = tempfile.mkdtemp(prefix="qkv-bench-cache-")  # the compact cache: empty for first-load, then warm
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", OMP_NUM_THREADS=str(args.threads),
+               QKV_CACHE_DIR=cache, QKV_BENCH_GGUF=str(embedded_path("smollm2")))
     runs: dict[str, list[dict]] = {e: [] for e in args.engines}
 
     def run_worker(engine: str) -> dict:
@@ -248,11 +332,26 @@ def main() -> None:
             return {"skipped": (r.stderr.strip().splitlines() or ["?"])[-1][:120]}
         return json.loads(r.stdout.strip().splitlines()[-1])
 
+    loads = run_worker("first-load")
+    print("first-load", loads, file=sys.stderr, flush=True)
+    job = main_job(5, env)
+    print("main job", job, file=sys.stderr, flush=True)
     for _ in range(args.rounds):
         for engine in args.engines:
             runs[engine].append(run_worker(engine))
             print(engine, runs[engine][-1], file=sys.stderr, flush=True)
     print_table({e: _median(rs) for e, rs in runs.items()}, args)
+    acc = run_worker("accuracy")
+    if "skipped" not in acc:
+        print(f"\nCompact mode (dtype=\"auto\") against float32: greedy tokens equal for {acc['greedy_equal']} of 64 on "
+              f"this prompt; perplexity of decode steps over 2,048 tokens {acc['ppl_compact']:.4f} vs {acc['ppl_float32']:.4f} "
+              f"({(acc['ppl_compact'] / acc['ppl_float32'] - 1) * 100:+.2f} %), logits error max {acc['decode_logits_max_err']:.3f} "
+              f"mean {acc['decode_logits_mean_err']:.4f}; a 512-token prompt in {acc['prompt_dtype']}: logits error max "
+              f"{acc['prompt_logits_max_err']:.3f} mean {acc['prompt_logits_mean_err']:.4f}, mean KL {acc['prompt_mean_kl']:.2e}")
+    print(f"\nqkv.load(\"smollm2\"): first load (re-packing, empty cache) {loads.get('first_load_s', float('nan')):.2f} s, "
+          f"warm {loads.get('warm_load_s', float('nan')):.2f} s; main job `qkv explain \"He sat on the river's bank\" "
+          f"--token bank`, process start to exit: {job['main_job_s']:.2f} s (importing qkv's CLI alone: "
+          f"{job['import_s']:.2f} s); median of 5")
     paired = [e for e in args.engines if e in PAIRED]
     if args.paired_reps > 0 and "transformers" in paired and len(paired) > 1:
         res = run_worker("paired:" + ",".join(paired))
@@ -269,10 +368,12 @@ def _median(rs: list[dict]) -> dict:
 
 
 def print_table(results: dict, args) -> None:
-    ref = results.get("transformers", {})
+    peer = "llama.cpp" if "skipped" not in results.get("llama.cpp", {"skipped": 1}) else "transformers"
+    ref = results.get(peer, {})
     cols = [("load_s", "load (s)", "{:.2f}"), ("prefill128_tok_s", "prefill 128 (tok/s)", "{:.0f}"),
             ("prefill512_tok_s", "prefill 512 (tok/s)", "{:.0f}"), ("decode_tok_s", "decode (tok/s)", "{:.1f}"),
-            ("peak_rss_mb", "peak RSS (MiB)", "{:.0f}")]
+            ("above_baseline_mb", "peak RSS above baseline (MiB)", "{:.0f}"), ("peak_rss_mb", "peak RSS (MiB)", "{:.0f}"),
+            ("baseline_mb", "baseline (MiB)", "{:.0f}")]
     print(f"\nSmolLM2-135M-Instruct, {args.threads} threads, decode over {args.new_tokens} new tokens, "
           f"median of {args.rounds} interleaved rounds\n")
     print("| engine | " + " | ".join(c[1] for c in cols) + " |")
@@ -284,12 +385,14 @@ def print_table(results: dict, args) -> None:
         cells = []
         for key, _, f in cols:
             cell = f.format(r[key])
-            if key in ref and engine != "transformers" and key != "peak_rss_mb":
-                ratio = r[key] / ref[key] if key != "load_s" else ref[key] / r[key]
+            if key in ref and engine != peer and key in ("load_s", "prefill128_tok_s", "prefill512_tok_s",
+                                                          "decode_tok_s", "above_baseline_mb"):
+                ratio = ref[key] / r[key] if key == "load_s" else r[key] / ref[key]
                 cell += f" ({ratio:.2f}x)"
             cells.append(cell)
         print(f"| {engine} | " + " | ".join(cells) + " |")
-    print("\n(ratios vs transformers: speed / speed; for load, transformers' time / this time — higher is better)")
+    print(f"\n(ratios vs {peer}: speed / speed and memory / memory; for load, {peer}'s time / this time. Baseline: "
+          "the process right after importing its runtime — qkv, transformers or llama_cpp — before loading)")
 
 
 def print_paired(res: dict, engines: list[str], args) -> None:

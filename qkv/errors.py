@@ -5,7 +5,18 @@ The CLI turns any ``QkvError`` into that line on stderr and exit code 2 — neve
 
 
 class QkvError(Exception):
-    """Base class of every error qkv raises on purpose."""
+    """Base class of every error qkv raises on purpose.
+
+    Its text is always one line: a message that quotes something from a hostile file (a value with a
+    line break in it, a library's multi-line error) shows each line break as ``\\n`` instead of breaking
+    the line — the CLI prints exactly one line per error.
+    """
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        if "\n" in text or "\r" in text:
+            text = text.replace("\r", "\\r").replace("\n", "\\n")
+        return text
 
 
 class ConfigError(QkvError, ValueError):

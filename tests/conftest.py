@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
+
 import pytest
+
+# The compact mode's disk cache (qkv.weights.cache) of this test session, also for the CLI processes the tests
+# start: never the user's ~/.cache. The first load of each process re-packs (~2 s); later ones map the file.
+if "QKV_CACHE_DIR" not in os.environ:
+    os.environ["QKV_CACHE_DIR"] = tempfile.mkdtemp(prefix="qkv-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["QKV_CACHE_DIR"], True)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,8 @@ def add_model_arguments(p: argparse.ArgumentParser, default: str = "smollm2") ->
     p.add_argument("--model", "-m", default=default,
                    help=f"embedded model name (smollm2, minilm), a .gguf file or a Hugging Face directory (default {default})")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights dtype (auto = float32, the exact dequantised weights)")
+                   help="weights (auto: a GGUF model on the CPU stays compact — int4/int8, what generation runs on — "
+                        "and analyses use its exact float32 weights; float32: the exact weights, resident)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (auto = cuda if available)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (default: PyTorch's choice)")
 

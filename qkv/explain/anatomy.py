@@ -193,8 +193,25 @@ class _Context:
         return Tensor(name, tuple(shape), ftype, fbytes, tied, stored_as, int4)
 
 
+def _compact_weight(module: nn.Module):
+    """(shape, identity) of a compact matrix or embedding (qkv.weights.compact) whose float32 weight is not
+    resident; None for any other module. A tied unembedding shares its embedding's identity."""
+    from ..nn.quant import CompactEmbedding, CompactLinear
+
+    if "weight" in module._parameters:
+        return None
+    if isinstance(module, CompactLinear):
+        return (module.out_features, module.in_features), getattr(module, "tie_key", module)
+    if isinstance(module, CompactEmbedding):
+        return (module.num_embeddings, module.embedding_dim), module
+    return None
+
+
 def _component(module: nn.Module, name: str, prefix: str, ctx: _Context) -> Component:
     own = [ctx.tensor(prefix + n, tuple(p.shape), param=p) for n, p in module.named_parameters(recurse=False)]
+    compact = _compact_weight(module)
+    if compact is not None:
+        own.insert(0, ctx.tensor(prefix + "weight", compact[0], param=compact[1]))
     comp = Component(name, type(module).__name__, own)
     for cname, child in module.named_children():
         full = prefix + cname
@@ -214,6 +231,11 @@ def _component(module: nn.Module, name: str, prefix: str, ctx: _Context) -> Comp
     return comp
 
 
+@dataclass
+class _Shape:
+    shape: tuple[int, ...]
+
+
 def _renamed(c: Component, name: str) -> Component:
     c.name = name
     return c
@@ -222,7 +244,8 @@ def _renamed(c: Component, name: str) -> Component:
 def _split(parent: nn.Module, fused: nn.Module, cname: str, full: str, ctx: _Context) -> list[Component]:
     """A fused projection as the separate ones it stacks (rows in order), each with its own file facts."""
     parts = FUSED[cname]
-    w = fused.weight
+    compact = _compact_weight(fused)
+    w = fused.weight if compact is None else _Shape(compact[0])
     if cname == "qkv_proj":
         d = parent.head_dim
         rows = [parent.n_heads * d, parent.n_kv_heads * d, parent.n_kv_heads * d]
@@ -230,7 +253,7 @@ def _split(parent: nn.Module, fused: nn.Module, cname: str, full: str, ctx: _Con
         rows = [w.shape[0] // 2] * 2
     if sum(rows) != w.shape[0]:
         raise ModelFormatError(f"{full}: fused matrix of {w.shape[0]} rows does not split into {rows}")
-    ctx.tensor(full + ".weight", tuple(w.shape), param=w)  # seen, so a tie to it would be found
+    ctx.tensor(full + ".weight", tuple(w.shape), param=w if compact is None else compact[1])  # a tie would be found
     if cname not in ctx.fused:
         ctx.fused.append(cname)
     out, start = [], 0
@@ -356,7 +379,8 @@ def held_bytes(model: nn.Module) -> dict:
     params = {id(p): p for p in model.parameters()}.values()
     bufs = {id(b): (n.rsplit(".", 1)[-1], b) for n, b in model.named_buffers()}.values()
     dtypes = sorted({str(p.dtype).replace("torch.", "") for p in params})
-    kinds = {"packed": "int4 decode copies", "scales_zeros": "int4 decode copies", "weight16": "float16 decode copies"}
+    kinds = {"packed": "int4 decode copies", "scales_zeros": "int4 decode copies", "weight16": "float16 decode copies",
+             "w8": "int8 decode copies", "scales8": "int8 decode copies"}
     parts: dict[str, int] = {}
     for name, b in bufs:
         key = kinds.get(name, "other buffers")

@@ -16,7 +16,7 @@ import torch
 from ..errors import InputError
 from ..nn.attention import weight_rows
 from ..nn.observer import AttentionObserver
-from ..nn.quant import exact_weights
+from ..nn.quant import exact_weights, matrix
 from .record import AttentionRecord, MeasureMap, check_finite_rows, find_sinks, word_spans
 
 
@@ -170,7 +170,7 @@ def _logit_map(loaded, obs, layers, target, foil, name: str) -> MeasureMap:
     f = _token_id(loaded, foil, "foil") if foil is not None else None
     if f == t:
         raise InputError("--target and --foil are the same token: choose two different tokens")
-    u = logit_direction(model.lm_head.weight.float(), final_norm, obs.final_state, t, f)
+    u = logit_direction(matrix(model.lm_head).float(), final_norm, obs.final_state, t, f)
     per_layer, direct, remainder = obs.logit(u, carried=name == "alti-logit")
     total = per_layer.sum(0) + direct  # (T,)
     actual = float(row[t] - (row[f] if f is not None else 0))
@@ -250,7 +250,7 @@ def _last_row_norms(q, k, v, out_proj, mask, causal, heads) -> tuple[torch.Tenso
     h = q.shape[1]
     alpha = weight_rows(q, k, [q.shape[2] - 1], mask=mask, causal=causal)[0].float()  # (H, 1, S)
     vh = M.expand_heads(v[0].float(), h)  # (H, S, D)
-    wo = M.head_projections(out_proj.weight.float(), h)
+    wo = M.head_projections(matrix(out_proj).float(), h)
     per_head = M.shares(alpha[heads] * M.value_norms(vh, wo)[heads, None, :])[:, 0]
     per_layer = M.shares(M.layer_norms(alpha, M.key_grams(vh, wo)))[0]
     return per_head, per_layer

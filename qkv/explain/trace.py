@@ -16,6 +16,7 @@ import torch
 from ..errors import InputError
 from ..nn.attention import weight_rows
 from ..nn.observer import AttentionObserver
+from ..nn.quant import matrix
 from . import measures as M
 
 FULL_BLOCK = 256  # query rows of one layer's full map computed at a time
@@ -57,7 +58,7 @@ class MeasureObserver(AttentionObserver):
         self.pending = None
         layer, x, z = self.layer, x[0].float(), z[0].float()  # (S, C) each
         n_heads = q.shape[0]
-        wo = M.head_projections(out_proj.weight.float(), n_heads)  # (H, C, D)
+        wo = M.head_projections(matrix(out_proj).float(), n_heads)  # (H, C, D)
         vh = M.expand_heads(v.float(), n_heads)  # (H, S, D)
         if layer in self.layers:
             self._rows(layer, q, k, vh, wo, mask, causal)
@@ -171,7 +172,7 @@ class CrossMixing(AttentionObserver):
         q, k, v, mask, causal, out_proj = self.pending
         layer, h = self.layer, q.shape[0]
         alpha = weight_rows(q[None], k[None], [q.shape[1] - 1], mask=mask, causal=causal)[0, :, 0].float()  # (H, S)
-        f = M.head_vectors(M.expand_heads(v.float(), h), M.head_projections(out_proj.weight.float(), h))
+        f = M.head_vectors(M.expand_heads(v.float(), h), M.head_projections(matrix(out_proj).float(), h))
         x, z = x[0, -1].float(), z[0, -1].float()  # (C,) each: the new row
         y = norm(z).float() if norm is not None else z
         if self.site == "self":

@@ -124,7 +124,10 @@ def next_token_distribution(loaded, text: str | Sequence[Mapping[str, Any]], *,
     for o in options:
         o.check_vocab(vocab)
     x = torch.tensor([ids], dtype=torch.long, device=loaded.device)  # (1, T)
-    logits = loaded.model(x, last_only=True)[:, -1].float()  # (1, V)
+    from ..nn.quant import exact_weights
+
+    with exact_weights(loaded.model):  # the exact model's distribution, also for a compact (dtype="auto") model
+        logits = loaded.model(x, last_only=True)[:, -1].float()  # (1, V)
     check_finite(logits, 0)
     scaled = torch.cat([logits / o.temperature for o in options])  # (N, V)
     filtered = torch.cat([filter_logits(logits, o) for o in options])  # (N, V), removed tokens -inf

@@ -1,8 +1,9 @@
 """Sampling: pure functions of logits, the options and a ``torch.Generator``.
 
 Order of the filters (Hugging Face's): repetition penalty -> temperature -> top-k -> top-p -> min-p ->
-draw. ``temperature == 0`` is greedy (argmax, no randomness). Logits that are NaN or +inf are an error
-naming the step, never a silently sampled token 0.
+draw. ``temperature == 0`` is greedy (argmax, no randomness). Logits that are NaN or +inf, or a row in which
+no token has a finite logit (all -inf: nothing can be chosen), are an error naming the step — never a
+silently sampled token 0. A temperature so small that dividing overflows the logits is an error too.
 """
 
 from __future__ import annotations
@@ -71,11 +72,22 @@ def _num(v) -> bool:
 
 
 def check_finite(logits: torch.Tensor, step: int) -> None:
-    """NaN or +inf logits mean the model broke: say so with the step, never sample from them."""
+    """NaN or +inf logits, or a row with no finite logit, mean the model broke: say so with the step,
+    never sample from them (argmax of an all -inf row is token 0, which may well be EOS)."""
     bad = torch.isnan(logits) | (logits == float("inf"))
     if bool(bad.any()):
         raise InputError(f"non-finite logits at generation step {step} ({int(bad.sum())} NaN/+inf values): "
                          "the model produced invalid numbers; try --dtype float32")
+    _check_choosable(logits, step, "the model's logits are -inf for every token")
+
+
+def _check_choosable(logits: torch.Tensor, step: int, why: str) -> None:
+    """Every row (B, V) needs at least one token with a finite logit."""
+    empty = ~torch.isfinite(logits).any(dim=-1)
+    if bool(empty.any()):
+        raise InputError(f"non-finite logits at generation step {step}: {why} (row {int(empty.nonzero()[0])}), "
+                         "so no token can be chosen; the model produced invalid numbers — check the weights "
+                         "or try --dtype float32")
 
 
 def apply_repetition_penalty(logits: torch.Tensor, context: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -113,7 +125,13 @@ def sample(logits: torch.Tensor, opts: SamplingOptions, generator: torch.Generat
     check_finite(logits, step)
     if context is not None:
         logits = apply_repetition_penalty(logits, context, opts.repetition_penalty)
+        _check_choosable(logits, step, f"repetition_penalty {opts.repetition_penalty:g} pushed every logit to -inf")
     if opts.greedy:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(filter_logits(logits, opts), dim=-1)
+    x = filter_logits(logits, opts)
+    if bool((x == float("inf")).any()) or bool(torch.isnan(x).any()):
+        raise InputError(f"temperature {opts.temperature:g} overflows the logits at generation step {step}; "
+                         "use a larger temperature, or 0 for greedy decoding")
+    _check_choosable(x, step, "the samplers removed every token")
+    probs = torch.softmax(x, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -22,6 +22,7 @@ from torch import nn
 from ..config import BertConfig
 from ..errors import ShapeError
 from ..nn import MultiHeadAttention
+from ..nn.modules import embedding
 
 # hidden_act -> module; "gelu" is the exact (erf) GELU of the original BERT, the others its tanh approximation
 ACTIVATIONS = {
@@ -37,9 +38,9 @@ class BertEmbeddings(nn.Module):
 
     def __init__(self, cfg: BertConfig):
         super().__init__()
-        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
-        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)  # learned, absolute
-        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)  # sentence A / B
+        self.word_embeddings = embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
+        self.position_embeddings = embedding(cfg.max_position_embeddings, cfg.hidden_size)  # learned, absolute
+        self.token_type_embeddings = embedding(cfg.type_vocab_size, cfg.hidden_size)  # sentence A / B
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..errors import ConfigError, ShapeError
 from ..nn import KVCache, MultiHeadAttention
+from ..nn.modules import embedding
 
 
 @dataclass(frozen=True)
@@ -135,8 +136,8 @@ class EncoderDecoder(nn.Module):
     def __init__(self, cfg: Seq2SeqConfig):
         super().__init__()
         self.config = cfg
-        self.src_embed = nn.Embedding(cfg.src_vocab_size, cfg.d_model)
-        self.tgt_embed = nn.Embedding(cfg.tgt_vocab_size, cfg.d_model)
+        self.src_embed = embedding(cfg.src_vocab_size, cfg.d_model)
+        self.tgt_embed = embedding(cfg.tgt_vocab_size, cfg.d_model)
         self.register_buffer("positions", sinusoidal_positions(cfg.max_len, cfg.d_model), persistent=False)
         self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_encoder_layers))
         self.encoder_norm = nn.LayerNorm(cfg.d_model)

@@ -19,6 +19,7 @@ from ..config import LlamaConfig
 from ..errors import ShapeError
 from ..nn import KVCache, MultiHeadAttention, RMSNorm, RoPE, SwiGLU
 from ..nn.mlp import glu
+from ..nn.modules import embedding
 from ..nn.quant import QuantizedLinear
 
 
@@ -55,7 +56,7 @@ class LlamaModel(nn.Module):
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size)
         rope = RoPE(cfg.head_dim, theta=cfg.rope_theta, scaling=cfg.rope_scaling,
                     freq_factors=cfg.rope_freq_factors)  # shared by every layer
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, rope) for _ in range(cfg.num_hidden_layers))

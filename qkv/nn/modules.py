@@ -24,6 +24,14 @@ from .kv_cache import KVCache
 from .rope import RoPE
 
 
+def embedding(num: int, dim: int, **kwargs) -> nn.Embedding:
+    """``nn.Embedding(num, dim)``; under ``torch.device("meta")`` (a model built to receive a file's weights)
+    without the random initialisation, whose meta-device ``normal_`` imports torch._dynamo (~2-3 s)."""
+    if torch.get_default_device().type == "meta":
+        return nn.Embedding(num, dim, _weight=torch.empty(num, dim), **kwargs)
+    return nn.Embedding(num, dim, **kwargs)
+
+
 def _batched(x: torch.Tensor, name: str) -> tuple[torch.Tensor, bool]:
     """Accept (T, C) or (B, T, C); return (B, T, C) and whether to squeeze the batch back."""
     if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3):

@@ -11,6 +11,10 @@ read 8x less than float32. ``QuantizedLinear`` keeps the exact float32 weight fo
   activations go through bfloat16 there, which is where this path differs from the exact weights.
 * ``half`` — a float16 copy of the weight (e.g. the 49152 x 576 unembedding of a tied model).
 
+``CompactLinear`` (what ``qkv.load(dtype="auto")`` builds for a GGUF model on the CPU) keeps *only* the compact
+copy — int4 codes, or int8 rows for the unembedding — and dequantises the exact weight from the mapped file
+when a prompt or an exact analysis needs it. ``CompactEmbedding`` reads its rows from the file the same way.
+
 CPU only; on other devices qkv loads plain float weights.
 """
 
@@ -89,16 +93,173 @@ class QuantizedLinear(nn.Module):
         return F.linear(x2.to(torch.float16), self.weight16).to(x2.dtype)
 
 
+def matrix(module: nn.Module) -> torch.Tensor:
+    """A linear module's float weight for an analysis to read: a compact module's exact weight for this call
+    (dequantised, not made resident — a server that explains many texts keeps its compact size), else
+    ``module.weight``."""
+    return module.exact_weight() if isinstance(module, CompactLinear) else module.weight
+
+
+def exact_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` plus the exact float32 weight of every compact matrix or embedding that is not
+    resident (``<module>.weight``), dequantised for the call — what an export writes."""
+    state = dict(model.state_dict())
+    for name, m in model.named_modules():
+        if isinstance(m, (CompactLinear, CompactEmbedding)) and "weight" not in m._parameters:
+            key = f"{name}.weight" if name else "weight"
+            state[key] = m.exact_weight() if isinstance(m, CompactLinear) else m._table_fn()
+    return state
+
+
 @contextlib.contextmanager
 def exact_weights(model: nn.Module):
     """Within the block every QuantizedLinear of ``model`` multiplies by its exact float32 weight, whatever
     the number of rows (qkv.explain must show what the exact model computes, also for short texts)."""
     mods = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
-    saved = [m.small_m for m in mods]
+    saved = [(m.small_m, getattr(m, "exact_only", None)) for m in mods]
     for m in mods:
         m.small_m = 0
+        if isinstance(m, CompactLinear):
+            m.exact_only = True
     try:
         yield model
     finally:
-        for m, small in zip(mods, saved):
+        for m, (small, exact) in zip(mods, saved):
             m.small_m = small
+            if exact is not None:
+                m.exact_only = exact
+
+
+class CompactLinear(QuantizedLinear):
+    """A QuantizedLinear that keeps only the compact copy resident — what ``qkv.load(dtype="auto")`` makes of a
+    GGUF model on the CPU, so that generating holds the file's bits and not a float32 copy of them.
+
+    ``exact`` is a function that returns the exact float32 weight (N, K), dequantised from the mapped GGUF
+    file. Inputs of more than ``small_m`` rows (prompts) and everything inside :func:`exact_weights`
+    multiply by that exact weight, dequantised for the call and dropped after it (a prompt costs one
+    dequantisation of each matrix, ~1/10 of its matmul at 512 tokens). Reading ``.weight`` (an analysis
+    that looks at the matrix itself) makes it resident, as an ordinary float32 parameter, from then on.
+
+    Kinds: ``int4`` (codes in the int4 kernel's packed layout, bfloat16 scale and zero per group of 32) and
+    ``int8`` (one int8 per weight and a bfloat16 scale per row, ``torch.ops.aten._weight_int8pack_mm``).
+    """
+
+    def __init__(self, out_features: int, in_features: int, exact, *, kind: str, small_m: int = 8,
+                 bias: torch.Tensor | None = None, group: int = 32):
+        nn.Module.__init__(self)
+        self.out_features, self.in_features = out_features, in_features
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.small_m, self.kind, self.group = small_m, kind, group
+        self._exact_fn = exact
+        self.prompt_dtype = torch.float32  # bfloat16 on AMX CPUs (qkv.weights.compact): prompts' matmuls
+        self.exact_only = False  # set by exact_weights(): float32, the exact weight, whatever the input
+
+    @classmethod
+    def from_int4(cls, packed: torch.Tensor, scales_zeros: torch.Tensor, exact, *, shape: tuple[int, int],
+                  group: int = 32, bias: torch.Tensor | None = None) -> "CompactLinear":
+        """From the kernel's packed codes and (K/group, N, 2) bfloat16 scales and zeros (see :meth:`pack_int4`)."""
+        m = cls(shape[0], shape[1], exact, kind="int4", bias=bias, group=group)
+        m.register_buffer("packed", packed, persistent=False)
+        m.register_buffer("scales_zeros", scales_zeros, persistent=False)
+        return m
+
+    @classmethod
+    def from_int8(cls, w8: torch.Tensor, scales: torch.Tensor, exact, *,
+                  bias: torch.Tensor | None = None) -> "CompactLinear":
+        """From int8 rows (N, K) and bfloat16 row scales (N,) (see :meth:`quantize_int8`)."""
+        m = cls(w8.shape[0], w8.shape[1], exact, kind="int8", bias=bias)
+        m.register_buffer("w8", w8, persistent=False)
+        m.register_buffer("scales8", scales, persistent=False)
+        return m
+
+    @staticmethod
+    def pack_int4(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codes (N, K) in 0..15 and float32 scale, zero (N, K/group) -> (packed, scales_zeros) for the kernel."""
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
+        return packed, torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
+
+    @staticmethod
+    def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Symmetric per-row int8 of a float32 (N, K) matrix: w ≈ q · scale, |q| <= 127, round to nearest.
+        The kernel takes bfloat16 scales, so each row's scale is max|w|/127 rounded to bfloat16 first and the
+        codes are rounded against that scale (no separate scale error; the largest |w| may clamp at 127)."""
+        scale = (w.abs().amax(dim=1).clamp(min=torch.finfo(torch.bfloat16).tiny) / 127).to(torch.bfloat16)
+        q = torch.round(w / scale.float()[:, None]).clamp_(-127, 127).to(torch.int8)
+        return q.contiguous(), scale.contiguous()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The exact float32 weight (N, K); from the first read on it stays resident."""
+        p = self._parameters.get("weight")
+        if p is None:
+            p = self._parameters["weight"] = nn.Parameter(self._exact_fn(), requires_grad=False)
+        return p
+
+    def exact_weight(self) -> torch.Tensor:
+        """The exact float32 weight for one call: the resident one if it was read, else dequantised anew."""
+        p = self._parameters.get("weight")
+        return p if p is not None else self._exact_fn()
+
+    def _prompt_weight(self) -> torch.Tensor:
+        """The weight a prompt multiplies by: exact float32, or rounded to bfloat16 where AMX makes that
+        matmul several times faster (never inside exact_weights())."""
+        w = self.exact_weight()
+        return w if self.exact_only or self.prompt_dtype == torch.float32 else w.to(self.prompt_dtype)
+
+    def _linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        if w.dtype == x.dtype:
+            return F.linear(x, w, b)
+        y = F.linear(x.to(w.dtype), w).to(x.dtype)
+        return y if b is None else y + b
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (…, K) -> (…, N)
+        if self._exact(x):
+            return self._linear(x, self._prompt_weight(), self.bias)
+        return super().forward(x)
+
+    def parts(self, x: torch.Tensor, sizes: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+        if not self._exact(x):
+            return self(x).split(list(sizes), dim=-1)
+        ws = self._prompt_weight().split(list(sizes))
+        bs = self.bias.split(list(sizes)) if self.bias is not None else (None,) * len(ws)
+        return tuple(self._linear(x, w, b) for w, b in zip(ws, bs))
+
+    def small(self, x2: torch.Tensor) -> torch.Tensor:
+        if self.kind == "int8":  # vectorised for bfloat16 activations (float32 ones take a scalar path, ~15x slower)
+            return torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.w8, self.scales8).to(x2.dtype)
+        return super().small(x2)
+
+    def _exact(self, x: torch.Tensor) -> bool:
+        return x.numel() > self.small_m * self.in_features
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, small={self.kind}, compact"
+
+
+class CompactEmbedding(nn.Module):
+    """An embedding whose rows are dequantised from the mapped GGUF file when they are looked up (exact
+    float32 values; nothing of the (V, C) table is resident). ``rows(ids)`` returns the float32 rows of the
+    given ids; reading ``.weight`` makes the whole table resident, as an ordinary parameter."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, rows, table):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self._rows_fn, self._table_fn = rows, table
+
+    @property
+    def weight(self) -> torch.Tensor:
+        p = self._parameters.get("weight")
+        if p is None:
+            p = self._parameters["weight"] = nn.Parameter(self._table_fn(), requires_grad=False)
+        return p
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (…) -> (…, C)
+        p = self._parameters.get("weight")
+        if p is not None:
+            return F.embedding(ids, p)
+        flat = ids.reshape(-1)
+        uniq, inv = torch.unique(flat, return_inverse=True)
+        return self._rows_fn(uniq)[inv].view(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, compact"

@@ -25,7 +25,7 @@ from ..explain.capture import _check_measures, _kind, _token_id, check_context
 from ..explain.record import AttentionRecord, MeasureMap, find_sinks, word_spans
 from ..nn.attention import weight_rows
 from ..nn.observer import AttentionObserver
-from ..nn.quant import exact_weights
+from ..nn.quant import exact_weights, matrix
 
 SERVED_MEASURES = ("weights", "norms", "logit", "mixing", "rollout")
 ROW_MEASURES = ("weights", "norms", "logit")  # from the kept tensors, per click
@@ -86,7 +86,7 @@ class TextState:
         self.mask = [s["mask"] for s in keep.layers]
         self.out_proj = [s["out_proj"] for s in keep.layers]
         self.v = [s["v"].float() for s in keep.layers]  # (K, T, D): each kv head once
-        wo = [M.head_projections(p.weight.float(), q.shape[0]) for p, q in zip(self.out_proj, self.q)]
+        wo = [M.head_projections(matrix(p).float(), q.shape[0]) for p, q in zip(self.out_proj, self.q)]
         with torch.inference_mode():  # the (H, T, D) expansion of one layer's values at a time, then dropped
             vh = lambda i: M.expand_heads(self.v[i], self.n_heads)  # noqa: E731
             self.value_norms = torch.stack([M.value_norms(vh(i), w) for i, w in enumerate(wo)])  # (L, H, T)
@@ -229,11 +229,11 @@ class TextState:
         f = _token_id(self.loaded, foil, "foil") if foil is not None else None
         if f == t:
             raise InputError("target and foil are the same token: choose two different tokens")
-        u = M.logit_direction(model.lm_head.weight.float(), final_norm, self.keep.final, t, f)
+        u = M.logit_direction(matrix(model.lm_head).float(), final_norm, self.keep.final, t, f)
         per_layer = []
         rest = sum(self.keep.mlp_last, torch.zeros_like(u))
         for i, (v, p) in enumerate(zip(self.v, self.out_proj)):
-            per_layer.append(M.logit_by_key(alpha[i, :, 0], v, M.head_projections(p.weight.float(), self.n_heads), u))
+            per_layer.append(M.logit_by_key(alpha[i, :, 0], v, M.head_projections(matrix(p).float(), self.n_heads), u))
             if p.bias is not None:
                 rest = rest + p.bias.float()
         per_layer = torch.stack(per_layer)  # (L, T)

@@ -35,6 +35,7 @@ from typing import Any
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 
+from qkv import files
 from qkv.errors import TokenizerError
 
 __all__ = ["Tokenizer", "TokenStream", "SUPPORTED_PRE_TOKENIZERS"]
@@ -414,15 +415,51 @@ def _byte_level_backend(vocab: _GgufVocab) -> tuple[tokenizers.Tokenizer, list[b
     return backend, pieces
 
 
+# Deriving SentencePiece merges tries every cut of a token whose two sides have token lengths; each try
+# slices and hashes both sides. A real vocabulary needs ~1e8 units (Gemma's 262k tokens: ~6e7).
+_MERGE_WORK_LIMIT = 400_000_000
+_MAX_TOKEN_LENGTHS = 4096  # distinct token lengths (real vocabularies: a few hundred)
+
+
+def _cuts_by_length(lengths: list[int]) -> dict[int, tuple[int, ...]]:
+    """For each token length L: the cuts c (0 < c < L) where both c and L - c are token lengths.
+
+    Only such a cut can split a token into two tokens, so a single very long token costs nothing:
+    no other token is long enough to be one side of it.
+    """
+    import numpy as np
+
+    a = np.asarray(lengths, dtype=np.int64)
+    present = np.zeros(int(a.max()) + 1, dtype=bool)
+    present[a] = True
+    out = {}
+    for length in lengths:
+        c = a[(a > 0) & (a < length)]
+        out[length] = tuple(int(x) for x in c[present[length - c]])
+    return out
+
+
 def _score_merges(vocab: _GgufVocab, entries: Mapping[str, int]) -> list[tuple[str, str]]:
     """Merges a SentencePiece vocabulary implies: any split of a token into two known tokens,
-    ranked by the token's score (highest first) — the pair llama.cpp's SPM merges first."""
+    ranked by the token's score (highest first) — the pair llama.cpp's SPM merges first.
+
+    Linear in the vocabulary for real files: only cuts whose two sides have lengths some token has are
+    tried; a vocabulary that would still need more than ``_MERGE_WORK_LIMIT`` units is refused.
+    """
     scores = vocab.scores or [0.0] * len(vocab.tokens)
+    eligible = [(text, i) for text, i in entries.items() if vocab.types[i] in (_NORMAL, _USER_DEFINED, 0)]
+    lengths = sorted({len(text) for text in entries})
+    if len(lengths) > _MAX_TOKEN_LENGTHS:
+        raise _bad("tokenizer.ggml.tokens", vocab.source, f"has tokens of {len(lengths)} different lengths (at most "
+                   f"{_MAX_TOKEN_LENGTHS} without tokenizer.ggml.merges)", "re-convert the model with its merges")
+    cuts = _cuts_by_length(lengths) if lengths else {}
+    work = sum(len(cuts[len(text)]) * (len(text) + 64) for text, _ in eligible)
+    if work > _MERGE_WORK_LIMIT:
+        raise _bad("tokenizer.ggml.tokens", vocab.source, f"would need {work:,} steps to derive merges from scores "
+                   f"(limit {_MERGE_WORK_LIMIT:,})", "re-convert the model with its tokenizer.ggml.merges")
     ranked = []
-    for text, i in entries.items():
-        if vocab.types[i] not in (_NORMAL, _USER_DEFINED, 0):
-            continue
-        for cut in range(1, len(text)):
+    for text, i in eligible:
+        for cut in cuts[len(text)]:
             left, right = text[:cut], text[cut:]
             if left in entries and right in entries:
                 ranked.append((-scores[i], i, cut, left, right))
@@ -454,23 +491,19 @@ def _sentencepiece_backend(vocab: _GgufVocab) -> tokenizers.Tokenizer:
 
 # --- Hugging Face directories ------------------------------------------------------------------------------
 
-_MAX_JSON_BYTES = 200 * 2**20  # a tokenizer.json of a 256k vocabulary is ~20 MB
+def _read_json(path: Path, *, required: bool, limit: int = files.MAX_CONFIG_BYTES) -> dict | None:
+    """A JSON object from a file of the model directory, or None when it is absent and optional.
 
-
-def _read_json(path: Path, *, required: bool) -> dict | None:
-    """A JSON object from a file of the model directory, or None when it is absent and optional."""
-    if not path.is_file():
+    Size- and nesting-limited, regular files only, and a symlink must stay inside the directory
+    (qkv.files); every failure is a TokenizerError naming the file.
+    """
+    found = files.inside(path.parent, path.name, what=path.name, error=TokenizerError, required=False)
+    if found is None:
         if required:
             raise TokenizerError(f"{path.name} is missing in {path.parent}; fix: point at a directory with a "
                                  "Hugging Face tokenizer (tokenizer.json)")
         return None
-    if path.stat().st_size > _MAX_JSON_BYTES:
-        raise TokenizerError(f"{path} is larger than {_MAX_JSON_BYTES >> 20} MB; fix: check the file")
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise TokenizerError(f"{path} is not valid JSON ({' '.join(str(exc).split())[:120]}); "
-                             "fix: re-download the file") from None
+    value = files.read_json(found, what=path.name, limit=limit, error=TokenizerError)
     if not isinstance(value, dict):
         raise TokenizerError(f"{path} holds a {type(value).__name__}, not a JSON object; fix: re-download it")
     return value
@@ -525,13 +558,14 @@ def _hf_chat_template(config: Mapping[str, Any], path: Path) -> str | None:
     """The default chat template: tokenizer_config.json's, or chat_template.jinja beside it."""
     value = config.get("chat_template")
     if isinstance(value, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
-        named = {t.get("name"): t.get("template") for t in value if isinstance(t, Mapping)}
+        named = {t.get("name"): t.get("template") for t in value
+                 if isinstance(t, Mapping) and isinstance(t.get("name"), str)}
         value = named.get("default")
     if isinstance(value, str):
         return value
-    jinja = path / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
+    jinja = files.inside(path, "chat_template.jinja", what="chat template", error=TokenizerError, required=False)
+    if jinja is not None:
+        return files.read_text(jinja, what="chat template", limit=files.MAX_TEMPLATE_BYTES, error=TokenizerError)
     return None
 
 
@@ -540,15 +574,18 @@ def _load_hf_dir(cls: type[Tokenizer], path: Path) -> Tokenizer:
     if not path.is_dir():
         raise TokenizerError(f"{path} is not a directory; fix: pass the model directory holding tokenizer.json")
     where = path / "tokenizer.json"
-    spec = _read_json(where, required=True)
+    spec = _read_json(where, required=True, limit=files.MAX_TOKENIZER_JSON_BYTES)
     assert spec is not None
+    _check_regexes(spec, str(where))  # before the Rust library compiles them
     with _rust_errors("loading", str(where), "re-download tokenizer.json or upgrade the tokenizers library"):
         backend = tokenizers.Tokenizer.from_str(json.dumps(spec))
         backend.no_padding()  # a padded or truncated prompt would silently change the user's text
         backend.no_truncation()
+    for part in ("normalizer", "decoder"):
+        _check_amplification(spec.get(part), f"{part} of {where}")
     cfg_path = path / "tokenizer_config.json"
     config = {**(_read_json(path / "special_tokens_map.json", required=False) or {}),
-              **(_read_json(cfg_path, required=False) or {})}
+              **(_read_json(cfg_path, required=False, limit=files.MAX_TOKENIZER_CONFIG_BYTES) or {})}
     ids = {k: _named_token(backend, config, f"{k}_token", cfg_path) for k in ("bos", "eos", "pad", "unk")}
     vocab_size = backend.get_vocab_size(with_added_tokens=True)
     added = backend.get_added_tokens_decoder()
@@ -566,6 +603,46 @@ def _load_hf_dir(cls: type[Tokenizer], path: Path) -> Tokenizer:
                add_bos=add_bos if isinstance(add_bos, bool) else None, chat_template=_hf_chat_template(config, path),
                spm="▁" in json.dumps(decoder or {}, ensure_ascii=False),
                continuation=_metaspace_continuation(metaspace) if metaspace else None)
+
+
+_MAX_REPLACEMENT = 16  # characters a Replace step may put in place of one match (real files: 1-2)
+_MAX_REPEAT = 1000  # a counted repetition {n,m} in a tokenizer regex (real files: {1,3})
+_COUNTED = re.compile(r"(?<!\\)\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")
+
+
+def _check_regexes(spec: Any, where: str, depth: int = 0) -> None:
+    """Refuse a regex (a ``{"Regex": ...}`` pattern anywhere in tokenizer.json) with a counted repetition
+    above _MAX_REPEAT: the regex engine expands it when compiling (``a{100000}``: seconds, before any text)."""
+    if depth > 64:
+        return  # the JSON reader limits nesting; nothing deeper is reached here
+    if isinstance(spec, Mapping):
+        rx = spec.get("Regex")
+        if isinstance(rx, str):
+            for m in _COUNTED.finditer(rx):
+                n = max(int(m.group(1)), int(m.group(2) or 0))
+                if n > _MAX_REPEAT:
+                    raise TokenizerError(f"{where}: a regex repeats a pattern {n} times ({m.group(0)!s:.40}; at most "
+                                         f"{_MAX_REPEAT}); fix: re-download tokenizer.json")
+        for v in spec.values():
+            _check_regexes(v, where, depth + 1)
+    elif isinstance(spec, list):
+        for v in spec:
+            _check_regexes(v, where, depth + 1)
+
+
+def _check_amplification(step: Any, where: str) -> None:
+    """Refuse a Replace normalizer/decoder step that writes a long string for every match: text would
+    grow by that factor inside the Rust library (and its alignment tables by 16 bytes per byte)."""
+    if not isinstance(step, Mapping):
+        return
+    for inner in step.get("normalizers") or step.get("decoders") or ():
+        _check_amplification(inner, where)
+    if step.get("type") == "Replace":
+        content, pattern = step.get("content"), (step.get("pattern") or {}).get("String")
+        if isinstance(content, str) and len(content) > _MAX_REPLACEMENT and \
+                len(content) > (len(pattern) if isinstance(pattern, str) else 0):
+            raise TokenizerError(f"{where}: a Replace step writes {len(content)} characters for each match (at most "
+                                 f"{_MAX_REPLACEMENT}); text would grow without bound; fix: re-download tokenizer.json")
 
 
 def _metaspace_continuation(spec: Mapping[str, Any]) -> pre_tokenizers.PreTokenizer:

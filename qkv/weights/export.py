@@ -68,7 +68,9 @@ def _float_state(model: LlamaForCausalLM, cfg: LlamaConfig) -> dict[str, torch.T
     fused = {"self_attn.qkv_proj": (("q_proj", h * d), ("k_proj", k * d), ("v_proj", k * d)),
              "mlp.gate_up_proj": (("gate_proj", f), ("up_proj", f))}
     state: dict[str, torch.Tensor] = {}
-    for name, t in model.state_dict().items():
+    from ..nn.quant import exact_state_dict
+
+    for name, t in exact_state_dict(model).items():  # a compact model's matrices too, exact
         t = t.detach().to("cpu", torch.float32)
         module, _, leaf = name.rpartition(".")  # model.layers.0.self_attn.qkv_proj, weight
         key = next((fk for fk in fused if module.endswith("." + fk)), None)

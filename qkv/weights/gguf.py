@@ -20,6 +20,10 @@ Policies where the format leaves room (each has a test):
 * Zero-sized dimensions are rejected: no model tensor has them and the spec does not define them.
 * Arrays of arrays are rejected (nesting depth limit 1): no model uses them and unbounded nesting
   is a known denial-of-service shape.
+* Counts a file could hold but no model needs are refused from the header, so that parsing stays
+  within about a second and a few hundred MB of Python objects: at most ``MAX_TENSORS`` tensors,
+  ``MAX_ARRAY_ITEMS`` items in one metadata array and ``MAX_METADATA_ITEMS`` array items in all
+  (the largest vocabularies have ~262k tokens).
 * The file is memory-mapped read-only. Its size and modification time are recorded at open and
   checked again before each tensor read; a file changed since then raises instead of being read.
   A file truncated by another process *while* a returned :meth:`GGUFFile.raw` view is in use can
@@ -52,6 +56,9 @@ MAX_ELEMENTS = (1 << 63) - 1  # ggml counts elements in int64_t
 HEADER_BYTES = 24  # magic, version, tensor count, metadata count
 MIN_KV_BYTES = 8 + 1 + 4 + 1  # key length, >= 1 key byte, value type, >= 1 value byte
 MIN_TENSOR_INFO_BYTES = 8 + 1 + 4 + 8 + 4 + 8  # name length, >= 1 byte, n_dims, 1 dim, type, offset
+MAX_TENSORS = 1 << 16  # real models: a few thousand (405B Llama: ~1,100)
+MAX_ARRAY_ITEMS = 1 << 21  # one metadata array (tokens, merges, scores: < 300k in real files)
+MAX_METADATA_ITEMS = 1 << 23  # all metadata array items together
 
 # scalar value type id -> (name, struct/numpy format, byte size); 8 is STRING and 9 is ARRAY
 SCALAR_TYPES: dict[int, tuple[str, str, int]] = {
@@ -86,6 +93,7 @@ class _Cursor:
     def __init__(self, buf: mmap.mmap, path: Path) -> None:
         self.buf, self.path, self.pos, self.size = buf, path, 0, len(buf)
         self.key_offsets: dict[str, int] = {}  # where each metadata entry starts, for messages
+        self.items_left = MAX_METADATA_ITEMS  # array items the rest of the metadata may still hold
 
     def fail(self, what: str, problem: str, at: int | None = None,
              fix: str = "") -> ModelFormatError:
@@ -165,6 +173,9 @@ def _read_counts(cur: _Cursor) -> tuple[int, int]:
     if least > cur.remaining():
         raise cur.fail("header counts", f"{n_kv} metadata entries and {n_tensors} tensors need at "
                        f"least {least} bytes but the file has {cur.remaining()} left", at=8)
+    if n_tensors > MAX_TENSORS:
+        raise cur.fail("header counts", f"{n_tensors} tensors, more than the {MAX_TENSORS} qkv reads (real models "
+                       "have a few thousand)", at=8)
     return n_tensors, n_kv
 
 
@@ -188,13 +199,20 @@ def _read_array(cur: _Cursor, what: str) -> tuple[list[object], str]:
     if itype != STRING_TYPE and itype not in SCALAR_TYPES:
         raise cur.fail(what, f"unknown array item type {itype}", at=at)
     count = cur.u64(f"{what} array length")
+    if count > min(MAX_ARRAY_ITEMS, cur.items_left):
+        limit = "one array" if count > MAX_ARRAY_ITEMS else "all arrays together"
+        raise cur.fail(what, f"array length {count} is more than qkv reads in {limit} "
+                       f"({min(MAX_ARRAY_ITEMS, MAX_METADATA_ITEMS)} / {MAX_METADATA_ITEMS})", at=at + 4)
+    cur.items_left -= count
     type_name, fmt, item = ("STRING", "", 8) if itype == STRING_TYPE else SCALAR_TYPES[itype]
     # item is a lower bound for a string (its length field), so this is checked before looping
     if count * item > cur.remaining():
         raise cur.fail(what, f"array length {count} needs at least {count * item} bytes but "
                        f"only {cur.remaining()} remain", at=at + 4)
     if itype == STRING_TYPE:
-        values: list[object] = [cur.string(f"{what}[{i}]") for i in range(count)]
+        values: list[object] | None = _strings_fast(cur, count)
+        if values is None:  # something is wrong: the careful loop finds what and says where
+            values = [cur.string(f"{what}[{i}]") for i in range(count)]
     else:
         values = np.frombuffer(cur.buf, dtype=np.dtype(fmt), count=count, offset=cur.pos).tolist()
         if itype == BOOL_TYPE and any(v > 1 for v in values):
@@ -202,6 +220,31 @@ def _read_array(cur: _Cursor, what: str) -> tuple[list[object], str]:
         values = [bool(v) for v in values] if itype == BOOL_TYPE else values
         cur.pos += count * item
     return values, f"ARRAY[{type_name}]"
+
+
+_U64 = struct.Struct("<Q").unpack_from
+
+
+def _strings_fast(cur: _Cursor, count: int) -> list[object] | None:
+    """``count`` strings from the cursor, as :meth:`_Cursor.string` reads them, in one tight loop (a
+    vocabulary has ~50k-250k of them); None, with the cursor unmoved, at the first thing that is not a
+    well-formed UTF-8 string inside the file."""
+    buf, pos, size, out = cur.buf, cur.pos, cur.size, []
+    append = out.append
+    try:
+        for _ in range(count):
+            if pos + 8 > size:
+                return None
+            (n,) = _U64(buf, pos)
+            pos += 8
+            if n > size - pos:
+                return None
+            append(buf[pos:pos + n].decode("utf-8"))
+            pos += n
+    except UnicodeDecodeError:
+        return None
+    cur.pos = pos
+    return out
 
 
 def _read_value(cur: _Cursor, vtype: int, what: str, at: int) -> tuple[object, str]:
@@ -408,6 +451,10 @@ class GGUFFile:
         # an unclosed GGUFFile must not leak its handle (or warn) when it is collected
         if getattr(self, "_buf", None) is not None:
             self.close()
+
+    def __deepcopy__(self, memo: dict) -> GGUFFile:
+        # read-only: a copied model (copy.deepcopy of a compact one) shares the open file and its mapping
+        return self
 
     def __repr__(self) -> str:
         return f"GGUFFile({str(self.path)!r}, v{self.version}, {len(self.tensors)} tensors)"

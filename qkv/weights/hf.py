@@ -2,58 +2,54 @@
 
 Policies (RELIABILITY §9.2): pickled weights (``.bin``/``.pt``) are refused — they can run code on
 load; every shard named by an index must be a plain file name inside the directory (no ``..``, no
-absolute path), and a symlink that resolves outside the directory is refused; a tensor listed in two
-shards, a missing shard, or a malformed safetensors header is a ModelFormatError naming the file.
+absolute path), and a symlink that resolves outside the directory is refused (a Hugging Face hub cache
+snapshot's links into its own repository's ``blobs/`` are inside); a tensor listed in two shards, a missing
+shard, or a malformed safetensors header is a ModelFormatError naming the file. :func:`tensor_table` reads
+only the headers, so the loader can compare every name, shape and dtype with the config before any
+tensor is read.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
+from .. import files
 from ..errors import ModelFormatError
 
 PICKLE_NAMES = ("pytorch_model.bin", "model.bin", "model.pt", "pytorch_model.bin.index.json")
 
 
-def read_json(path: Path, *, what: str) -> dict:
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ModelFormatError(f"{path}: missing ({what})") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ModelFormatError(f"{path}: cannot read {what}: {e}") from None
-    try:
-        d = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise ModelFormatError(f"{path}: not valid JSON at line {e.lineno} column {e.colno} ({e.msg})") from None
+def read_json(path: Path, *, what: str, limit: int = files.MAX_CONFIG_BYTES) -> dict:
+    """A JSON object from a model file: size-limited, nesting-limited, every failure a ModelFormatError."""
+    d = files.read_json(path, what=what, limit=limit, error=ModelFormatError)
     if not isinstance(d, dict):
-        raise ModelFormatError(f"{path}: expected a JSON object")
+        raise ModelFormatError(f"{path}: expected a JSON object, found a {type(d).__name__}")
     return d
 
 
+def read_model_json(root: Path, name: str, *, what: str, limit: int = files.MAX_CONFIG_BYTES) -> dict:
+    """:func:`read_json` of ``root / name`` after the symlink policy (:func:`qkv.files.inside`)."""
+    return read_json(inside(root, name, what=what), what=what, limit=limit)
+
+
 def inside(root: Path, name: str, *, what: str) -> Path:
-    """``root / name`` when it is a plain file inside root (symlinks resolved), else ModelFormatError."""
-    if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
-        raise ModelFormatError(f"{root}: {what} {name!r} is not a plain file name inside the model directory")
-    p = root / name
-    real = p.resolve()
-    if root.resolve() not in real.parents:
-        raise ModelFormatError(f"{p}: resolves to {real}, outside the model directory; copy the file in instead")
-    if not real.is_file():
-        raise ModelFormatError(f"{p}: {what} is missing")
+    """``root / name`` when it is a plain regular file inside root (symlinks resolved; a Hugging Face hub
+    cache snapshot may link into its repository's blobs), else ModelFormatError."""
+    p = files.inside(root, name, what=what, error=ModelFormatError)
+    assert p is not None
     return p
 
 
 def weight_files(root: Path) -> list[Path]:
     """The safetensors files of a directory, validated; pickles are refused with the reason."""
     index = root / "model.safetensors.index.json"
-    if index.exists():
-        wm = read_json(index, what="the shard index").get("weight_map")
-        if not isinstance(wm, dict) or not wm:
-            raise ModelFormatError(f"{index}: 'weight_map' must be a non-empty object of tensor -> shard file")
+    if index.exists() or index.is_symlink():
+        wm = read_model_json(root, index.name, what="the shard index", limit=files.MAX_TOKENIZER_CONFIG_BYTES
+                             ).get("weight_map")
+        if not isinstance(wm, dict) or not wm or not all(isinstance(v, str) for v in wm.values()):
+            raise ModelFormatError(f"{index}: 'weight_map' must be a non-empty object of tensor -> shard file name")
         return [inside(root, n, what="shard") for n in dict.fromkeys(wm.values())]
     single = root / "model.safetensors"
     if single.exists() or single.is_symlink():
@@ -65,14 +61,14 @@ def weight_files(root: Path) -> list[Path]:
     raise ModelFormatError(f"{root}: no model.safetensors or model.safetensors.index.json")
 
 
-def load_safetensors(files: list[Path], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def load_safetensors(paths: list[Path], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """All tensors of the files, cast to ``dtype`` (floating tensors only); duplicates are an error."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     out: dict[str, torch.Tensor] = {}
     seen: dict[str, Path] = {}
-    for f in files:
+    for f in paths:
         try:
             tensors = load_file(str(f))
         except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
@@ -84,3 +80,29 @@ def load_safetensors(files: list[Path], dtype: torch.dtype) -> dict[str, torch.T
             seen[name] = f
             out[name] = t.to(dtype) if t.is_floating_point() else t
     return out
+
+
+def tensor_table(paths: list[Path]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """name -> (shape, safetensors dtype name) from the files' headers only; duplicates are an error.
+
+    safetensors checks each header against its file (offsets inside the data, sizes matching shape and
+    dtype), so what this returns describes tensors the file really holds — and nothing is read yet.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    table: dict[str, tuple[tuple[int, ...], str]] = {}
+    seen: dict[str, Path] = {}
+    for f in paths:
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                entries = {name: (tuple(st.get_slice(name).get_shape()), st.get_slice(name).get_dtype())
+                           for name in st.keys()}
+        except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
+            raise ModelFormatError(f"{f}: not a valid safetensors file ({type(e).__name__}: "
+                                   f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        for name, entry in entries.items():
+            if name in seen:
+                raise ModelFormatError(f"{f}: tensor {name!r} also appears in {seen[name].name}")
+            seen[name] = f
+            table[name] = entry
+    return table

@@ -34,3 +34,36 @@ def int4_codes(raw: np.ndarray, ggml_type: str, shape: tuple[int, ...], *, name:
     codes = np.concatenate([qs & 0x0F, qs >> 4], axis=1)  # (blocks, 32): low nibbles first
     return (torch.from_numpy(codes.reshape(n, k)), torch.from_numpy(d.reshape(n, k // GROUP)),
             torch.from_numpy(zero.reshape(n, k // GROUP)))
+
+
+# -- exact dequantisation in torch (several threads, bitwise the values of qkv.weights.quants) ---------------
+
+TORCH_DEQUANT = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}  # block bytes of the types dequantised here
+
+
+def _f16_col(b: torch.Tensor) -> torch.Tensor:
+    """(n, 2) uint8 little-endian half floats -> (n, 1) float32 (exact widening)."""
+    return b.contiguous().view(torch.float16).float()
+
+
+def dequantize_blocks(blocks: torch.Tensor, ggml_type: str) -> torch.Tensor:
+    """(n, block bytes) uint8 -> (n, 32) float32, the same numbers as ``qkv.weights.quants.dequantize``
+    (same operations in the same order: ``q · d`` for Q4_0/Q8_0, ``q · d + m`` for Q4_1)."""
+    if ggml_type == "Q8_0":
+        return blocks[:, 2:].contiguous().view(torch.int8).float() * _f16_col(blocks[:, 0:2])
+    qs = blocks[:, 4:] if ggml_type == "Q4_1" else blocks[:, 2:]
+    q = torch.cat([qs & 0x0F, qs >> 4], dim=1)  # (n, 32): low nibbles first
+    if ggml_type == "Q4_0":
+        return (q.to(torch.int8) - 8).float() * _f16_col(blocks[:, 0:2])
+    return q.float() * _f16_col(blocks[:, 0:2]) + _f16_col(blocks[:, 2:4])
+
+
+def dequantize_rows(raw: torch.Tensor, ggml_type: str, shape: tuple[int, int],
+                    rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows of a 2-d (N, K) tensor stored as ``raw`` uint8 bytes -> float32 (len(rows) or N, K)."""
+    n, k = shape
+    per_row = k // 32 * TORCH_DEQUANT[ggml_type]
+    r = raw.view(n, per_row)
+    if rows is not None:
+        r = r.index_select(0, rows)
+    return dequantize_blocks(r.reshape(-1, TORCH_DEQUANT[ggml_type]), ggml_type).view(r.shape[0], k)

@@ -1,4 +1,5 @@
-"""dtype="auto" (int4 / float16 copies for one-token steps) against the exact float32 model."""
+"""dtype="auto" (the compact mode: int4 matrices, int8 unembedding, embedding rows from the file) against the
+exact float32 model."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 
 import qkv
 from qkv.generate import SamplingOptions, generate_ids
-from qkv.nn.quant import QuantizedLinear
+from qkv.nn.quant import CompactEmbedding, CompactLinear
 
 
 @pytest.fixture(scope="module")
@@ -15,20 +16,41 @@ def fast():
     return qkv.load("smollm2", dtype="auto", device="cpu")
 
 
-def test_auto_attaches_int4_copies_and_keeps_the_tie(fast):
+def test_auto_is_compact_and_keeps_no_float32_matrix(fast, smollm2):
     m = fast.model
     layer = m.model.layers[0]
     for fused in (layer.mlp.gate_up_proj, layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.down_proj):
-        assert isinstance(fused, QuantizedLinear) and fused.kind == "int4"
+        assert isinstance(fused, CompactLinear) and fused.kind == "int4"
     assert not hasattr(layer.mlp, "up_proj") and not hasattr(layer.self_attn, "q_proj")  # fused, not duplicated
-    assert m.lm_head.kind == "half" and m.lm_head.weight is m.model.embed_tokens.weight
-    assert "int4" in fast.info["decode_weights"]
+    assert isinstance(m.lm_head, CompactLinear) and m.lm_head.kind == "int8"
+    assert isinstance(m.model.embed_tokens, CompactEmbedding)
+    assert fast.info["mode"] == "compact" and "int4" in fast.info["decode_weights"]
+    # resident: norms only (float32), the rest is packed codes and scales
+    resident = {id(t): t for t in list(m.parameters()) + list(m.buffers())}.values()
+    assert all(t.dim() == 1 for t in m.parameters()), [tuple(t.shape) for t in m.parameters() if t.dim() > 1]
+    total = sum(t.numel() * t.element_size() for t in resident)
+    assert total < 110e6, total  # float32 would be 538 MB
+    assert fast.info["parameters"] == smollm2.info["parameters"]  # the compact matrices are counted too
 
 
-def test_prompt_logits_are_the_exact_float32_ones(fast, smollm2):
-    ids = torch.tensor([smollm2.tokenizer.encode("Attention is all you need, they said.")])
+def test_prompt_logits_are_the_exact_ones_or_bfloat16_on_amx(fast, smollm2):
+    """A prompt runs on the weights dequantised from the file: exactly the float32 model's logits, or on AMX
+    CPUs in bfloat16 (error printed and bounded); inside exact_weights() always the exact ones."""
+    from qkv.nn.quant import exact_weights
+
+    ids = torch.tensor([smollm2.tokenizer.encode("Attention is all you need, they said. Queries meet keys.")])
     with torch.inference_mode():
-        torch.testing.assert_close(fast.model(ids), smollm2.model(ids))
+        ref = smollm2.model(ids)
+        with exact_weights(fast.model):
+            torch.testing.assert_close(fast.model(ids), ref, rtol=0, atol=0)
+        got = fast.model(ids)
+    if fast.info["prompt_dtype"] == "float32":
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    else:
+        p, q = torch.log_softmax(ref, -1), torch.log_softmax(got, -1)
+        kl = (p.exp() * (p - q)).sum(-1)
+        print(f"bfloat16 prompt: logits max error {float((got - ref).abs().max()):.3f}, mean KL {float(kl.mean()):.2e}")
+        assert float(kl.mean()) < 5e-3 and bool((got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9)
 
 
 def test_decode_steps_stay_close_to_float32(fast, smollm2):

@@ -267,9 +267,10 @@ def test_busy_loop_is_stopped_at_the_deadline(busy: str) -> None:
 
 
 def test_default_limits_are_what_the_module_says() -> None:
-    """The default budget is 2 s (a real template needs milliseconds) and output is capped."""
+    """The default budget is 0.75 s (a real template needs milliseconds; a refusal stays within 1 s) and output
+    is capped."""
     template = ChatTemplate("{{ messages[0].content }}", max_output_chars=10)
-    assert template.time_limit_s == 2.0
+    assert template.time_limit_s == 0.75
     assert template.render([{"role": "user", "content": "x" * 10}]) == "x" * 10
     with pytest.raises(TemplateError, match="output passed 10 characters"):
         template.render([{"role": "user", "content": "x" * 11}])

@@ -1,0 +1,160 @@
+"""The on-disk cache of compact weights: tensors re-packed once from a GGUF file, mapped on later loads.
+
+Re-packing a GGUF's 4-bit blocks into PyTorch's int4 kernel layout (and its 8-bit matrices into per-row
+int8) costs seconds; mapping the result costs milliseconds. One cache file holds every re-packed tensor
+of one model for one torch build and one CPU kernel selection:
+
+    $QKV_CACHE_DIR | $XDG_CACHE_HOME/qkv | ~/.cache/qkv   /compact/<sha256 of the GGUF>-<key>.qkvc
+
+``key`` names what changes the packed bytes: the format version, the torch version and ATen's CPU
+capability (the int4 layout differs between AVX2 and AVX-512 builds). A file is used only after it is
+validated: magic, version, a bounded JSON header that must name the same GGUF hash, torch version and
+capability, every tensor inside the file and 64-byte aligned, the file's exact size, and a CRC-32 of
+the data. Anything else (corrupted, truncated, stale, unreadable) is rebuilt, never used. Files are
+written to a temporary name in the same folder and renamed into place (atomic on POSIX), so a process
+loading while another one writes sees either no file or a whole one.
+
+Layout: ``QKVC`` magic (8 bytes), version (u32), header length (u32), the header (UTF-8 JSON), zero
+padding to 64 bytes, then each tensor's bytes at its recorded offset (relative to the data start).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import struct
+import tempfile
+import zlib
+from pathlib import Path
+
+import torch
+
+MAGIC = b"QKVCACHE"
+VERSION = 1
+ALIGN = 64
+MAX_HEADER = 1 << 20  # a few hundred entries of JSON; a larger "header" is not ours
+DTYPES = {"uint8": torch.uint8, "int8": torch.int8, "int32": torch.int32, "bfloat16": torch.bfloat16,
+          "float16": torch.float16, "float32": torch.float32}
+
+
+def cache_root() -> Path:
+    """Where qkv keeps caches: $QKV_CACHE_DIR, else $XDG_CACHE_HOME/qkv, else ~/.cache/qkv."""
+    if os.environ.get("QKV_CACHE_DIR"):
+        return Path(os.environ["QKV_CACHE_DIR"])
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "qkv"
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, read in 4 MiB chunks (the file is not mapped, so its pages do not count as ours)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def build_key() -> dict[str, str]:
+    """What the packed bytes depend on, besides the GGUF itself."""
+    return {"format": str(VERSION), "torch": torch.__version__,
+            "capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def cache_path(gguf_sha: str, kind: str) -> Path:
+    k = build_key()
+    tag = f"{kind}-v{k['format']}-torch{k['torch']}-{k['capability']}".replace("/", "_").replace("+", "_")
+    return cache_root() / "compact" / f"{gguf_sha[:40]}-{tag}.qkvc"
+
+
+class CacheInvalid(Exception):
+    """The cache file is not one this process may use (the reason is the message)."""
+
+
+def write(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Write ``tensors`` (contiguous CPU tensors of the DTYPES) and ``meta`` to ``path`` atomically."""
+    entries, offset = {}, 0
+    crc = 0
+    blobs = []
+    inv = {v: k for k, v in DTYPES.items()}
+    for name, t in tensors.items():
+        t = t.detach().contiguous().cpu()
+        raw = t.view(torch.uint8).reshape(-1).numpy() if t.numel() else b""
+        offset = -(-offset // ALIGN) * ALIGN
+        entries[name] = {"dtype": inv[t.dtype], "shape": list(t.shape), "offset": offset, "nbytes": len(raw)}
+        blobs.append((offset, raw))
+        offset += len(raw)
+    data_len = -(-offset // ALIGN) * ALIGN
+    data = bytearray(data_len)
+    for off, raw in blobs:
+        data[off:off + len(raw)] = memoryview(raw).cast("B") if len(raw) else b""
+    crc = zlib.crc32(data)
+    header = json.dumps({"meta": meta, "key": build_key(), "entries": entries, "data_bytes": data_len,
+                         "crc32": crc}, sort_keys=True).encode()
+    head = MAGIC + struct.pack("<II", VERSION, len(header)) + header
+    head += b"\0" * (-len(head) % ALIGN)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(head)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read(path: Path, meta: dict) -> dict[str, torch.Tensor]:
+    """Map ``path`` and return its tensors (views of a private mapping), after validating everything;
+    raises CacheInvalid (or OSError) otherwise. ``meta`` must equal the file's recorded meta."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < len(MAGIC) + 8:
+            raise CacheInvalid("shorter than its header")
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private: pages shared until written
+    if buf[:len(MAGIC)] != MAGIC:
+        raise CacheInvalid("not a qkv cache file")
+    version, hlen = struct.unpack_from("<II", buf, len(MAGIC))
+    if version != VERSION:
+        raise CacheInvalid(f"format version {version}, expected {VERSION}")
+    start = len(MAGIC) + 8
+    if hlen > MAX_HEADER or start + hlen > size:
+        raise CacheInvalid("header length out of range")
+    try:
+        header = json.loads(bytes(buf[start:start + hlen]))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CacheInvalid(f"header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise CacheInvalid("header is not an object")
+    if header.get("key") != build_key():
+        raise CacheInvalid(f"built for {header.get('key')}, this process is {build_key()}")
+    if header.get("meta") != meta:
+        raise CacheInvalid("built from another file or with other options")
+    data_start = start + hlen + (-(start + hlen) % ALIGN)
+    data_bytes = header.get("data_bytes")
+    if not isinstance(data_bytes, int) or data_start + data_bytes != size:
+        raise CacheInvalid(f"file is {size} bytes, its header says {data_start} + {data_bytes}")
+    if zlib.crc32(memoryview(buf)[data_start:]) != header.get("crc32"):
+        raise CacheInvalid("data does not match its checksum")
+    whole = torch.frombuffer(buf, dtype=torch.uint8)
+    out = {}
+    entries = header.get("entries")
+    if not isinstance(entries, dict):
+        raise CacheInvalid("no tensor table")
+    for name, e in entries.items():
+        try:
+            dt, shape, off, nbytes = DTYPES[e["dtype"]], [int(s) for s in e["shape"]], int(e["offset"]), int(e["nbytes"])
+        except (KeyError, TypeError, ValueError):
+            raise CacheInvalid(f"bad entry {name!r}") from None
+        numel = 1
+        for s in shape:
+            numel *= s
+        itemsize = torch.empty((), dtype=dt).element_size()
+        if off % ALIGN or off < 0 or nbytes != numel * itemsize or off + nbytes > data_bytes or min(shape, default=1) < 0:
+            raise CacheInvalid(f"entry {name!r} lies outside the data or disagrees with its shape")
+        out[name] = whole[data_start + off:data_start + off + nbytes].view(dt).view(shape)
+    return out

@@ -1,0 +1,210 @@
+"""The compact CPU mode of a GGUF Llama (``qkv.load(..., dtype="auto")`` on the CPU): the file's quantised
+values kept as they are, nothing dequantised to a resident float32 copy.
+
+* Q4_0/Q4_1 matrices: their 4-bit codes re-packed once into the layout of PyTorch's int4 kernel, with a
+  bfloat16 scale and zero per group of 32 (q/k/v and gate/up fused, one matmul each).
+* Any other matrix type, and the unembedding whatever its type: int8 per row (symmetric, round to
+  nearest) of its exact values, multiplied by ``torch.ops.aten._weight_int8pack_mm``.
+* The embedding: rows dequantised from the mapped file when they are looked up (exact).
+* Norms stay float32 parameters.
+
+One-token decode steps run on the compact copies; prompts (more than ``small_m`` rows) and every exact
+analysis (``qkv.nn.quant.exact_weights``) multiply by the exact float32 weights, dequantised from the mapped
+file for the call. The re-packed tensors are cached on disk (``qkv.weights.cache``) and mapped on later
+loads. The GGUF file stays open (mapped, read-only) for the model's lifetime.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from ..nn.quant import CompactEmbedding, CompactLinear
+from . import cache as disk
+from .convert import gguf_to_rotate_half
+from .int4 import INT4_TYPES, TORCH_DEQUANT, dequantize_rows, int4_codes
+
+LAYOUT = "llama-compact-2"  # what the cached tensors are; changes when their meaning changes
+FUSED = {"self_attn": ("qkv_proj", ("q_proj", "k_proj", "v_proj")), "mlp": ("gate_up_proj", ("gate_proj", "up_proj"))}
+SINGLE = (("self_attn", "o_proj"), ("mlp", "down_proj"))
+
+
+def _raw(f, name: str) -> torch.Tensor:
+    with warnings.catch_warnings():  # the mapping is read-only and is only ever read
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(f.raw(name))
+
+
+class _Part:
+    """One GGUF matrix: its name, type, (N, K) shape and the head count if its rows need GGUF's RoPE order
+    changed to rotate-half (q and k)."""
+
+    def __init__(self, f, gguf_name: str, heads: int | None):
+        info = f.tensors[gguf_name]
+        self.f, self.name, self.type, self.shape, self.heads = f, gguf_name, info.ggml_type, tuple(info.shape), heads
+
+    def exact(self) -> torch.Tensor:
+        """float32 (N, K), the file's exact values, in qkv's row order."""
+        if self.type in TORCH_DEQUANT:
+            w = dequantize_rows(_raw(self.f, self.name), self.type, self.shape)
+        else:
+            w = self.f.tensor(self.name)
+        return self._order(w)
+
+    def codes(self) -> tuple[torch.Tensor, ...]:
+        return tuple(self._order(t) for t in int4_codes(self.f.raw(self.name), self.type, self.shape,
+                                                         name=f"{self.f.path}: {self.name}"))
+
+    def _order(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.heads is None else gguf_to_rotate_half(t, self.heads, name=f"{self.f.path}: {self.name}")
+
+
+def _exact_fn(parts: list[_Part]):
+    def exact() -> torch.Tensor:
+        ws = [p.exact() for p in parts]
+        return ws[0] if len(ws) == 1 else torch.cat(ws, dim=0)
+    return exact
+
+
+def _matrices(f, cfg, hf_to_gguf: dict[str, str]) -> dict[str, list[_Part]]:
+    """Module path -> its GGUF parts, for every matrix the compact model holds (fused where possible)."""
+    heads = {"q_proj": cfg.num_attention_heads, "k_proj": cfg.num_key_value_heads}
+    out: dict[str, list[_Part]] = {}
+    for i in range(cfg.num_hidden_layers):
+        for block, (fused, names) in FUSED.items():
+            out[f"model.layers.{i}.{block}.{fused}"] = [
+                _Part(f, hf_to_gguf[f"model.layers.{i}.{block}.{n}.weight"], heads.get(n)) for n in names]
+        for block, name in SINGLE:
+            out[f"model.layers.{i}.{block}.{name}"] = [_Part(f, hf_to_gguf[f"model.layers.{i}.{block}.{name}.weight"], None)]
+    head = "lm_head.weight" if "lm_head.weight" in hf_to_gguf else "model.embed_tokens.weight"
+    out["lm_head"] = [_Part(f, hf_to_gguf[head], None)]
+    return out
+
+
+def _kind(path: str, parts: list[_Part]) -> str:
+    return "int4" if path != "lm_head" and all(p.type in INT4_TYPES for p in parts) else "int8"
+
+
+def _pack(path: str, parts: list[_Part]) -> dict[str, torch.Tensor]:
+    """The compact tensors of one matrix (the slow part of a first load)."""
+    if _kind(path, parts) == "int4":
+        c, s, z = (torch.cat(list(t), dim=0) for t in zip(*(p.codes() for p in parts)))
+        packed, sz = CompactLinear.pack_int4(c, s, z)
+        return {f"{path}.packed": packed, f"{path}.scales_zeros": sz}
+    w8, scales = CompactLinear.quantize_int8(_exact_fn(parts)())
+    return {f"{path}.w8": w8, f"{path}.scales8": scales}
+
+
+def build(model, f, cfg, hf_to_gguf: dict[str, str], *, use_cache: bool = True) -> dict:
+    """Swap compact modules into ``model`` (built on the meta device, norms assigned) in place; return facts
+    for ``Loaded.info`` (what was made, whether the disk cache was used, and its path)."""
+    mats = _matrices(f, cfg, hf_to_gguf)
+    info: dict = {}
+    tensors = None
+    path = None
+    if use_cache:
+        sha = disk.file_sha256(f.path)
+        path = disk.cache_path(sha, LAYOUT)
+        meta = {"gguf_sha256": sha, "layout": LAYOUT}
+        try:
+            tensors = disk.read(path, meta)
+            info["compact_cache"] = f"hit {path}"
+        except FileNotFoundError:
+            info["compact_cache"] = f"built {path}"
+        except (OSError, disk.CacheInvalid) as e:
+            info["compact_cache"] = f"rebuilt {path} (the old file was unusable: {e})"
+    if tensors is not None and not _fits(tensors, mats):
+        info["compact_cache"] = f"rebuilt {path} (its tensors do not fit this model)"
+        tensors = None
+    if tensors is None:
+        tensors = {}
+        for p, parts in mats.items():
+            tensors.update(_pack(p, parts))
+        if use_cache:
+            try:
+                disk.write(path, tensors, meta)
+            except OSError as e:  # a read-only home is no reason to fail: the next load packs again
+                info["compact_cache"] = f"not written ({e.strerror or e})"
+        else:
+            info["compact_cache"] = "off"
+    kinds = {"int4": 0, "int8": 0}
+    prompt = prompt_dtype()
+    for p, parts in mats.items():
+        kind = _kind(p, parts)
+        kinds[kind] += len(parts)
+        shape = (sum(q.shape[0] for q in parts), parts[0].shape[1])
+        exact = _exact_fn(parts)
+        if kind == "int4":
+            mod = CompactLinear.from_int4(tensors[f"{p}.packed"], tensors[f"{p}.scales_zeros"], exact, shape=shape)
+        else:
+            mod = CompactLinear.from_int8(tensors[f"{p}.w8"], tensors[f"{p}.scales8"], exact)
+        mod.prompt_dtype = prompt
+        _place(model, p, mod)
+    emb = _Part(f, hf_to_gguf["model.embed_tokens.weight"], None)
+    model.model.embed_tokens = CompactEmbedding(emb.shape[0], emb.shape[1], _rows_fn(emb), emb.exact)
+    if getattr(cfg, "tie_word_embeddings", False):  # one resident table if either side is read
+        model.lm_head._exact_fn = _table_of(model.model.embed_tokens)
+        object.__setattr__(model.lm_head, "tie_key", model.model.embed_tokens)  # qkv info shows the tie (not a child)
+    info["decode_weights"] = (f"{kinds['int4']} matrices int4, {kinds['int8']} int8 (unembedding per-row int8); "
+                              "embedding rows read from the file; prompts on the weights dequantised per call "
+                              f"({str(prompt).removeprefix('torch.')}); analyses on the exact float32 weights")
+    info["prompt_dtype"] = str(prompt).removeprefix("torch.")
+    return info
+
+
+def _fits(tensors: dict[str, torch.Tensor], mats: dict[str, list[_Part]]) -> bool:
+    """Every tensor the model needs is there, with the dtype and the N/K dimensions it must have."""
+    want = set()
+    for p, parts in mats.items():
+        n, k = sum(q.shape[0] for q in parts), parts[0].shape[1]
+        if _kind(p, parts) == "int4":
+            checks = {f"{p}.packed": (None, n), f"{p}.scales_zeros": (torch.bfloat16, (k // 32, n, 2))}
+        else:
+            checks = {f"{p}.w8": (torch.int8, (n, k)), f"{p}.scales8": (torch.bfloat16, (n,))}
+        for name, (dt, shape) in checks.items():
+            t = tensors.get(name)
+            if t is None or (dt is not None and t.dtype != dt) or \
+                    (tuple(t.shape) != shape if isinstance(shape, tuple) else t.shape[0] != shape):
+                return False
+            want.add(name)
+    return set(tensors) == want
+
+
+def prompt_dtype() -> torch.dtype:
+    """bfloat16 for prompts' matmuls where the CPU has AMX and ATen runs its AVX-512 kernels (several times
+    faster than float32 there; on AVX2-only CPUs bfloat16 matmuls are far slower), else float32.
+    QKV_PROMPT_DTYPE=float32 or bfloat16 overrides it."""
+    choice = os.environ.get("QKV_PROMPT_DTYPE", "auto")
+    if choice in ("float32", "bfloat16"):
+        return getattr(torch, choice)
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return torch.bfloat16 if amx and torch.backends.cpu.get_cpu_capability() == "AVX512" else torch.float32
+
+
+def _table_of(embedding: CompactEmbedding):
+    """The tied unembedding's exact weight: the embedding's resident table if something made it resident,
+    else the table dequantised for this call."""
+    def table() -> torch.Tensor:
+        p = embedding._parameters.get("weight")
+        return p.detach() if p is not None else embedding._table_fn()
+    return table
+
+
+def _rows_fn(part: _Part):
+    if part.type in TORCH_DEQUANT:
+        return lambda ids: dequantize_rows(_raw(part.f, part.name), part.type, part.shape, ids)
+    return lambda ids: part.exact().index_select(0, ids)
+
+
+def _place(model, path: str, mod) -> None:
+    parent, _, leaf = path.rpartition(".")
+    owner = model.get_submodule(parent) if parent else model
+    if leaf == "qkv_proj":
+        owner.fuse_qkv(mod)
+    elif leaf == "gate_up_proj":
+        owner.fuse_gate_up(mod)
+    else:
+        setattr(owner, leaf, mod)
+
