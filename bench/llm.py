@@ -247,7 +247,11 @@ def accuracy(n_ppl: int = 2048) -> dict:
     out: dict = {"prompt_dtype": c.info["prompt_dtype"]}
     ids = prompt_ids(c.tokenizer.encode, 16)
     greedy = [list(generate_ids(m.model, ids, SamplingOptions(temperature=0), max_new_tokens=64)) for m in (c, e)]
-    out["greedy_equal"] = next((i for i, (a, b) in enumerate(zip(*greedy)) if a != b), 64)
+    out["greedy_equal"] = i = next((i for i, (a, b) in enumerate(zip(*greedy)) if a != b), 64)
+    if i < 64:  # the float32 model's logits of both tokens at the first divergence
+        with torch.inference_mode():
+            lg = e.model(torch.tensor([ids + greedy[1][:i]]))[0, -1]
+        out["divergence_logits"] = [float(lg[greedy[1][i]]), float(lg[greedy[0][i]])]
     seq = torch.tensor([c.tokenizer.encode(Path(textwrap.__file__).read_text())[:n_ppl]])
     with torch.inference_mode():
         ref = e.model(seq)[0, :-1]
@@ -343,8 +347,10 @@ def main() -> None:
     print_table({e: _median(rs) for e, rs in runs.items()}, args)
     acc = run_worker("accuracy")
     if "skipped" not in acc:
+        div = acc.get("divergence_logits")
+        tie = f" (then float32's logits of its token and of compact's: {div[0]:.3f} vs {div[1]:.3f})" if div else ""
         print(f"\nCompact mode (dtype=\"auto\") against float32: greedy tokens equal for {acc['greedy_equal']} of 64 on "
-              f"this prompt; perplexity of decode steps over 2,048 tokens {acc['ppl_compact']:.4f} vs {acc['ppl_float32']:.4f} "
+              f"this prompt{tie}; perplexity of decode steps over 2,048 tokens {acc['ppl_compact']:.4f} vs {acc['ppl_float32']:.4f} "
               f"({(acc['ppl_compact'] / acc['ppl_float32'] - 1) * 100:+.2f} %), logits error max {acc['decode_logits_max_err']:.3f} "
               f"mean {acc['decode_logits_mean_err']:.4f}; a 512-token prompt in {acc['prompt_dtype']}: logits error max "
               f"{acc['prompt_logits_max_err']:.3f} mean {acc['prompt_logits_mean_err']:.4f}, mean KL {acc['prompt_mean_kl']:.2e}")

@@ -24,7 +24,7 @@ import torch
 from ..nn.quant import CompactEmbedding, CompactLinear
 from . import cache as disk
 from .convert import gguf_to_rotate_half
-from .int4 import INT4_TYPES, TORCH_DEQUANT, dequantize_rows, int4_codes
+from .int4 import INT4_TYPES, TORCH_DEQUANT, dequantize_into, dequantize_rows, int4_codes
 
 LAYOUT = "llama-compact-2"  # what the cached tensors are; changes when their meaning changes
 FUSED = {"self_attn": ("qkv_proj", ("q_proj", "k_proj", "v_proj")), "mlp": ("gate_up_proj", ("gate_proj", "up_proj"))}
@@ -47,11 +47,18 @@ class _Part:
 
     def exact(self) -> torch.Tensor:
         """float32 (N, K), the file's exact values, in qkv's row order."""
-        if self.type in TORCH_DEQUANT:
-            w = dequantize_rows(_raw(self.f, self.name), self.type, self.shape)
-        else:
-            w = self.f.tensor(self.name)
-        return self._order(w)
+        return self.exact_into(torch.empty(self.shape))
+
+    def exact_into(self, out: torch.Tensor) -> torch.Tensor:
+        """The same, written into ``out`` (N, K) float32: the raw blocks are put in qkv's row order first
+        (bytes, not floats, are moved) and dequantised in place."""
+        if self.type not in TORCH_DEQUANT:
+            return out.copy_(self._order(self.f.tensor(self.name)))
+        n, k = self.shape
+        raw = _raw(self.f, self.name).view(n, -1)
+        if self.heads is not None:
+            raw = self._order(raw)
+        return dequantize_into(raw.reshape(-1, TORCH_DEQUANT[self.type]), self.type, out.view(-1, 32)).view(n, k)
 
     def codes(self) -> tuple[torch.Tensor, ...]:
         return tuple(self._order(t) for t in int4_codes(self.f.raw(self.name), self.type, self.shape,
@@ -62,9 +69,14 @@ class _Part:
 
 
 def _exact_fn(parts: list[_Part]):
+    """The exact float32 weight of (fused) parts, each dequantised into its rows of one output."""
+    rows = [p.shape[0] for p in parts]
+
     def exact() -> torch.Tensor:
-        ws = [p.exact() for p in parts]
-        return ws[0] if len(ws) == 1 else torch.cat(ws, dim=0)
+        out = torch.empty(sum(rows), parts[0].shape[1])
+        for p, block in zip(parts, out.split(rows)):
+            p.exact_into(block)
+        return out
     return exact
 
 

@@ -58,6 +58,21 @@ def dequantize_blocks(blocks: torch.Tensor, ggml_type: str) -> torch.Tensor:
     return q.float() * _f16_col(blocks[:, 0:2]) + _f16_col(blocks[:, 2:4])
 
 
+def dequantize_into(blocks: torch.Tensor, ggml_type: str, out: torch.Tensor) -> torch.Tensor:
+    """:func:`dequantize_blocks` written into ``out`` (n, 32) float32 in place, without temporaries the size
+    of the output (a prompt dequantises every matrix: this is most of its cost). The same operations in the
+    same order, so the same bits."""
+    if ggml_type == "Q8_0":
+        out.copy_(blocks[:, 2:].contiguous().view(torch.int8))
+        return out.mul_(_f16_col(blocks[:, 0:2]))
+    qs = blocks[:, 4:] if ggml_type == "Q4_1" else blocks[:, 2:]
+    out[:, :16].copy_(qs & 0x0F)
+    out[:, 16:].copy_(qs >> 4)
+    if ggml_type == "Q4_0":
+        return out.sub_(8).mul_(_f16_col(blocks[:, 0:2]))
+    return out.mul_(_f16_col(blocks[:, 0:2])).add_(_f16_col(blocks[:, 2:4]))
+
+
 def dequantize_rows(raw: torch.Tensor, ggml_type: str, shape: tuple[int, int],
                     rows: torch.Tensor | None = None) -> torch.Tensor:
     """Rows of a 2-d (N, K) tensor stored as ``raw`` uint8 bytes -> float32 (len(rows) or N, K)."""

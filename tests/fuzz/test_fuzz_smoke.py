@@ -1,4 +1,4 @@
-"""A few hundred cases of the fuzz campaign (``make fuzz`` runs 10,000 per reader): every reader of
+"""200 cases of the fuzz campaign (``make fuzz`` runs 10,000 per reader): every reader of
 untrusted input either loads the mutated input or refuses it with a typed one-line error — no other
 exception, no hang, no memory blow-up, no crash. Each case runs in a child forked from this process."""
 
@@ -12,7 +12,7 @@ from fuzz import engine, readers
 from fuzz.gguf_doc import read_doc, serialize
 
 SEED = 16  # not the campaign's seed (0): the default suite covers other cases than `make fuzz`
-CASES = {"gguf": 60, "safetensors": 40, "config": 50, "tokenizer": 50, "template": 60, "text": 40}
+CASES = {"gguf": 40, "safetensors": 30, "config": 30, "tokenizer": 30, "template": 40, "text": 30}
 
 
 @pytest.fixture(scope="module")
