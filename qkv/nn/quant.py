@@ -190,10 +190,7 @@ class CompactLinear(QuantizedLinear):
     @property
     def weight(self) -> torch.Tensor:
         """The exact float32 weight (N, K); from the first read on it stays resident."""
-        p = self._parameters.get("weight")
-        if p is None:
-            p = self._parameters["weight"] = nn.Parameter(self._exact_fn(), requires_grad=False)
-        return p
+        return _resident_weight(self, self._exact_fn)
 
     def exact_weight(self) -> torch.Tensor:
         """The exact float32 weight for one call: the resident one if it was read, else dequantised anew."""
@@ -236,6 +233,15 @@ class CompactLinear(QuantizedLinear):
         return f"in_features={self.in_features}, out_features={self.out_features}, small={self.kind}, compact"
 
 
+def _resident_weight(module: nn.Module, make) -> nn.Parameter:
+    """``module``'s weight parameter, made from ``make()`` and registered the first time it is asked for
+    (registered directly: ``register_parameter`` would look the property up again)."""
+    p = module._parameters.get("weight")
+    if p is None:
+        p = module._parameters["weight"] = nn.Parameter(make(), requires_grad=False)
+    return p
+
+
 class CompactEmbedding(nn.Module):
     """An embedding whose rows are dequantised from the mapped GGUF file when they are looked up (exact
     float32 values; nothing of the (V, C) table is resident). ``rows(ids)`` returns the float32 rows of the
@@ -248,10 +254,7 @@ class CompactEmbedding(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        p = self._parameters.get("weight")
-        if p is None:
-            p = self._parameters["weight"] = nn.Parameter(self._table_fn(), requires_grad=False)
-        return p
+        return _resident_weight(self, self._table_fn)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (…) -> (…, C)
         p = self._parameters.get("weight")

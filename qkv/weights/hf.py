@@ -63,23 +63,10 @@ def weight_files(root: Path) -> list[Path]:
 
 def load_safetensors(paths: list[Path], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """All tensors of the files, cast to ``dtype`` (floating tensors only); duplicates are an error."""
-    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    out: dict[str, torch.Tensor] = {}
-    seen: dict[str, Path] = {}
-    for f in paths:
-        try:
-            tensors = load_file(str(f))
-        except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
-            raise ModelFormatError(f"{f}: not a valid safetensors file ({type(e).__name__}: "
-                                   f"{str(e).splitlines()[0] if str(e) else ''})") from None
-        for name, t in tensors.items():
-            if name in seen:
-                raise ModelFormatError(f"{f}: tensor {name!r} also appears in {seen[name].name}")
-            seen[name] = f
-            out[name] = t.to(dtype) if t.is_floating_point() else t
-    return out
+    tensors = _per_file(paths, lambda f: load_file(str(f)))
+    return {name: t.to(dtype) if t.is_floating_point() else t for name, t in tensors.items()}
 
 
 def tensor_table(paths: list[Path]) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -88,21 +75,31 @@ def tensor_table(paths: list[Path]) -> dict[str, tuple[tuple[int, ...], str]]:
     safetensors checks each header against its file (offsets inside the data, sizes matching shape and
     dtype), so what this returns describes tensors the file really holds — and nothing is read yet.
     """
-    from safetensors import SafetensorError, safe_open
+    from safetensors import safe_open
 
-    table: dict[str, tuple[tuple[int, ...], str]] = {}
+    def headers(f: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+        with safe_open(str(f), framework="pt") as st:
+            return {name: (tuple(st.get_slice(name).get_shape()), st.get_slice(name).get_dtype()) for name in st.keys()}
+
+    return _per_file(paths, headers)
+
+
+def _per_file(paths: list[Path], read) -> dict:
+    """``read(file)`` of every file merged into one dict; a file safetensors refuses, or a tensor name in
+    two files, is a ModelFormatError naming the file."""
+    from safetensors import SafetensorError
+
+    out: dict = {}
     seen: dict[str, Path] = {}
     for f in paths:
         try:
-            with safe_open(str(f), framework="pt") as st:
-                entries = {name: (tuple(st.get_slice(name).get_shape()), st.get_slice(name).get_dtype())
-                           for name in st.keys()}
+            entries = read(f)
         except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
             raise ModelFormatError(f"{f}: not a valid safetensors file ({type(e).__name__}: "
                                    f"{str(e).splitlines()[0] if str(e) else ''})") from None
-        for name, entry in entries.items():
+        for name, value in entries.items():
             if name in seen:
                 raise ModelFormatError(f"{f}: tensor {name!r} also appears in {seen[name].name}")
             seen[name] = f
-            table[name] = entry
-    return table
+            out[name] = value
+    return out
