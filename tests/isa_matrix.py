@@ -33,6 +33,7 @@ SENSITIVE = [
     "tests/models/test_llama_tiny.py",
     "tests/models/test_bert.py",
     "tests/generate/test_fast_decode.py",
+    "tests/models/test_compact.py",  # the int4 pack layout and the cache key differ per ATen capability
 ]
 
 

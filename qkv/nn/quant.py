@@ -27,6 +27,13 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def pack_int4(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes (N, K) in 0..15 and float32 scale, zero (N, K/group) -> the int4 kernel's packed codes and its
+    (K/group, N, 2) bfloat16 scales and zeros."""
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
+    return packed, torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
+
+
 class QuantizedLinear(nn.Module):
     """y = x Wᵀ (+ b), exact float32 for M > small_m, a compact copy of W for M <= small_m."""
 
@@ -45,8 +52,7 @@ class QuantizedLinear(nn.Module):
         """From exact float weights (N, K) and their 4-bit codes (N, K), scales and zeros (N, K/group)."""
         m = cls(weight, bias)
         m.kind, m.group = "int4", group
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
-        sz = torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()  # (K/G, N, 2)
+        packed, sz = pack_int4(codes, scale, zero)
         m.register_buffer("packed", packed, persistent=False)
         m.register_buffer("scales_zeros", sz, persistent=False)
         return m
@@ -157,7 +163,7 @@ class CompactLinear(QuantizedLinear):
     @classmethod
     def from_int4(cls, packed: torch.Tensor, scales_zeros: torch.Tensor, exact, *, shape: tuple[int, int],
                   group: int = 32, bias: torch.Tensor | None = None) -> "CompactLinear":
-        """From the kernel's packed codes and (K/group, N, 2) bfloat16 scales and zeros (see :meth:`pack_int4`)."""
+        """From the kernel's packed codes and (K/group, N, 2) bfloat16 scales and zeros (see :func:`pack_int4`)."""
         m = cls(shape[0], shape[1], exact, kind="int4", bias=bias, group=group)
         m.register_buffer("packed", packed, persistent=False)
         m.register_buffer("scales_zeros", scales_zeros, persistent=False)
@@ -171,12 +177,6 @@ class CompactLinear(QuantizedLinear):
         m.register_buffer("w8", w8, persistent=False)
         m.register_buffer("scales8", scales, persistent=False)
         return m
-
-    @staticmethod
-    def pack_int4(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Codes (N, K) in 0..15 and float32 scale, zero (N, K/group) -> (packed, scales_zeros) for the kernel."""
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
-        return packed, torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
 
     @staticmethod
     def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -73,24 +73,18 @@ class CacheInvalid(Exception):
 
 
 def write(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    """Write ``tensors`` (contiguous CPU tensors of the DTYPES) and ``meta`` to ``path`` atomically."""
-    entries, offset = {}, 0
-    crc = 0
-    blobs = []
+    """Write ``tensors`` (contiguous CPU tensors of the DTYPES) and ``meta`` to ``path`` atomically. Each
+    tensor's bytes are written as they are (no copy of the whole data), each padded to ALIGN."""
     inv = {v: k for k, v in DTYPES.items()}
+    entries, chunks, offset, crc = {}, [], 0, 0
     for name, t in tensors.items():
-        t = t.detach().contiguous().cpu()
-        raw = t.view(torch.uint8).reshape(-1).numpy() if t.numel() else b""
-        offset = -(-offset // ALIGN) * ALIGN
+        raw = memoryview(t.detach().contiguous().cpu().view(torch.uint8).reshape(-1).numpy())
+        pad = b"\0" * (-len(raw) % ALIGN)
         entries[name] = {"dtype": inv[t.dtype], "shape": list(t.shape), "offset": offset, "nbytes": len(raw)}
-        blobs.append((offset, raw))
-        offset += len(raw)
-    data_len = -(-offset // ALIGN) * ALIGN
-    data = bytearray(data_len)
-    for off, raw in blobs:
-        data[off:off + len(raw)] = memoryview(raw).cast("B") if len(raw) else b""
-    crc = zlib.crc32(data)
-    header = json.dumps({"meta": meta, "key": build_key(), "entries": entries, "data_bytes": data_len,
+        chunks += [raw, pad]
+        crc = zlib.crc32(pad, zlib.crc32(raw, crc))
+        offset += len(raw) + len(pad)
+    header = json.dumps({"meta": meta, "key": build_key(), "entries": entries, "data_bytes": offset,
                          "crc32": crc}, sort_keys=True).encode()
     head = MAGIC + struct.pack("<II", VERSION, len(header)) + header
     head += b"\0" * (-len(head) % ALIGN)
@@ -99,7 +93,8 @@ def write(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(head)
-            f.write(data)
+            for chunk in chunks:
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -21,10 +21,12 @@ import warnings
 
 import torch
 
-from ..nn.quant import CompactEmbedding, CompactLinear
+from ..errors import ConfigError
+from ..nn.quant import CompactEmbedding, CompactLinear, pack_int4
 from . import cache as disk
 from .convert import gguf_to_rotate_half
 from .int4 import INT4_TYPES, TORCH_DEQUANT, dequantize_into, dequantize_rows, int4_codes
+from .maps import GGUF_ROPE_PERMUTED
 
 LAYOUT = "llama-compact-2"  # what the cached tensors are; changes when their meaning changes
 FUSED = {"self_attn": ("qkv_proj", ("q_proj", "k_proj", "v_proj")), "mlp": ("gate_up_proj", ("gate_proj", "up_proj"))}
@@ -82,12 +84,12 @@ def _exact_fn(parts: list[_Part]):
 
 def _matrices(f, cfg, hf_to_gguf: dict[str, str]) -> dict[str, list[_Part]]:
     """Module path -> its GGUF parts, for every matrix the compact model holds (fused where possible)."""
-    heads = {"q_proj": cfg.num_attention_heads, "k_proj": cfg.num_key_value_heads}
+    heads = {part: getattr(cfg, field) for part, field in GGUF_ROPE_PERMUTED.items()}  # RoPE-ordered rows
     out: dict[str, list[_Part]] = {}
     for i in range(cfg.num_hidden_layers):
         for block, (fused, names) in FUSED.items():
             out[f"model.layers.{i}.{block}.{fused}"] = [
-                _Part(f, hf_to_gguf[f"model.layers.{i}.{block}.{n}.weight"], heads.get(n)) for n in names]
+                _Part(f, hf_to_gguf[f"model.layers.{i}.{block}.{n}.weight"], heads.get(f"{block}.{n}")) for n in names]
         for block, name in SINGLE:
             out[f"model.layers.{i}.{block}.{name}"] = [_Part(f, hf_to_gguf[f"model.layers.{i}.{block}.{name}.weight"], None)]
     head = "lm_head.weight" if "lm_head.weight" in hf_to_gguf else "model.embed_tokens.weight"
@@ -103,7 +105,7 @@ def _pack(path: str, parts: list[_Part]) -> dict[str, torch.Tensor]:
     """The compact tensors of one matrix (the slow part of a first load)."""
     if _kind(path, parts) == "int4":
         c, s, z = (torch.cat(list(t), dim=0) for t in zip(*(p.codes() for p in parts)))
-        packed, sz = CompactLinear.pack_int4(c, s, z)
+        packed, sz = pack_int4(c, s, z)
         return {f"{path}.packed": packed, f"{path}.scales_zeros": sz}
     w8, scales = CompactLinear.quantize_int8(_exact_fn(parts)())
     return {f"{path}.w8": w8, f"{path}.scales8": scales}
@@ -191,6 +193,9 @@ def prompt_dtype() -> torch.dtype:
     choice = os.environ.get("QKV_PROMPT_DTYPE", "auto")
     if choice in ("float32", "bfloat16"):
         return getattr(torch, choice)
+    if choice != "auto":
+        raise ConfigError(f"QKV_PROMPT_DTYPE={choice!r} is not auto, float32 or bfloat16; fix: set one of those "
+                          "or unset it")
     amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
     return torch.bfloat16 if amx and torch.backends.cpu.get_cpu_capability() == "AVX512" else torch.float32
 

@@ -46,22 +46,11 @@ def _f16_col(b: torch.Tensor) -> torch.Tensor:
     return b.contiguous().view(torch.float16).float()
 
 
-def dequantize_blocks(blocks: torch.Tensor, ggml_type: str) -> torch.Tensor:
-    """(n, block bytes) uint8 -> (n, 32) float32, the same numbers as ``qkv.weights.quants.dequantize``
-    (same operations in the same order: ``q · d`` for Q4_0/Q8_0, ``q · d + m`` for Q4_1)."""
-    if ggml_type == "Q8_0":
-        return blocks[:, 2:].contiguous().view(torch.int8).float() * _f16_col(blocks[:, 0:2])
-    qs = blocks[:, 4:] if ggml_type == "Q4_1" else blocks[:, 2:]
-    q = torch.cat([qs & 0x0F, qs >> 4], dim=1)  # (n, 32): low nibbles first
-    if ggml_type == "Q4_0":
-        return (q.to(torch.int8) - 8).float() * _f16_col(blocks[:, 0:2])
-    return q.float() * _f16_col(blocks[:, 0:2]) + _f16_col(blocks[:, 2:4])
-
-
 def dequantize_into(blocks: torch.Tensor, ggml_type: str, out: torch.Tensor) -> torch.Tensor:
-    """:func:`dequantize_blocks` written into ``out`` (n, 32) float32 in place, without temporaries the size
-    of the output (a prompt dequantises every matrix: this is most of its cost). The same operations in the
-    same order, so the same bits."""
+    """(n, block bytes) uint8 blocks -> ``out`` (n, 32) float32, in place, without temporaries the size of
+    the output (a prompt dequantises every matrix: this is most of its cost). The same numbers as
+    ``qkv.weights.quants.dequantize`` (the same operations in the same order: ``q · d`` for Q4_0/Q8_0,
+    ``q · d + m`` for Q4_1)."""
     if ggml_type == "Q8_0":
         out.copy_(blocks[:, 2:].contiguous().view(torch.int8))
         return out.mul_(_f16_col(blocks[:, 0:2]))
@@ -81,4 +70,6 @@ def dequantize_rows(raw: torch.Tensor, ggml_type: str, shape: tuple[int, int],
     r = raw.view(n, per_row)
     if rows is not None:
         r = r.index_select(0, rows)
-    return dequantize_blocks(r.reshape(-1, TORCH_DEQUANT[ggml_type]), ggml_type).view(r.shape[0], k)
+    out = torch.empty(r.shape[0], k)
+    dequantize_into(r.reshape(-1, TORCH_DEQUANT[ggml_type]), ggml_type, out.view(-1, 32))
+    return out

@@ -236,3 +236,18 @@ def test_two_processes_loading_at_once_never_see_a_half_written_cache(cache_dir)
     assert set(kinds) <= {"built", "hit"} and len(sums) == 1, outs
     assert qkv.load("smollm2").info["compact_cache"].startswith("hit")
     assert not list((cache_dir / "compact").glob("*.tmp"))
+
+
+def test_a_bad_prompt_dtype_setting_is_one_line_and_exit_2(monkeypatch):
+    """QKV_PROMPT_DTYPE accepts auto, float32, bfloat16; anything else is refused, not silently ignored."""
+    from qkv.errors import ConfigError
+    from qkv.weights.compact import prompt_dtype
+
+    monkeypatch.setenv("QKV_PROMPT_DTYPE", "float32")
+    assert prompt_dtype() == torch.float32
+    monkeypatch.setenv("QKV_PROMPT_DTYPE", "fp16")
+    with pytest.raises(ConfigError, match="QKV_PROMPT_DTYPE='fp16'"):
+        prompt_dtype()
+    r = subprocess.run([sys.executable, "-m", "qkv", "generate", "Hi", "-n", "1"], capture_output=True, text=True,
+                       env=dict(os.environ, QKV_PROMPT_DTYPE="fp16"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
