@@ -5,7 +5,9 @@
 
 Each engine runs in a fresh process on the same GGUF file: qkv with dtype="auto" (the compact mode: int4
 matrices, int8 unembedding, embedding rows from the mapped file; prompts on weights dequantised per call, in
-bfloat16 on AMX CPUs) and dtype="float32" (exact weights, resident); transformers dequantises the file to
+bfloat16 on AMX CPUs) decoding through its compiled step (``qkv compile``, built once before the rounds, its
+compile time reported) as ``qkv-auto`` and through the eager step (QKV_COMPILE=0) as ``qkv-eager``, and
+dtype="float32" (exact weights, resident); transformers dequantises the file to
 float32 (attn_implementation="sdpa"); llama-cpp-python runs the Q4_1 file as is. Per engine: load time (qkv's
 compact cache warm), prefill tokens/s for 128- and 512-token prompts (median of 7), greedy decode tokens/s
 over ``--new-tokens`` new tokens after a 16-token prompt, forced past end-of-sequence (median of 3), the
@@ -181,7 +183,7 @@ def measure(load_s, tok, prefill, decode) -> dict:
     return res
 
 
-ENGINES = ["qkv-auto", "qkv-float32", "transformers", "llama.cpp"]
+ENGINES = ["qkv-auto", "qkv-eager", "qkv-float32", "transformers", "llama.cpp"]
 PAIRED = ["qkv-auto", "qkv-float32", "transformers"]
 
 
@@ -229,6 +231,15 @@ def first_load() -> dict:
     t0 = time.perf_counter()
     m = qkv.load("smollm2")
     return {"first_load_s": cold, "warm_load_s": time.perf_counter() - t0}
+
+
+def compile_step() -> dict:
+    """``qkv compile``'s build of the decode step (export + AOTInductor), timed, into the benchmark's cache."""
+    import qkv
+    from qkv.models import compiled
+
+    d = compiled.build(qkv.load("smollm2").model, force=True)
+    return {"compile_s": d["compile_seconds"], "package_mb": d["bytes"] / 2**20, "self_check": d["self_check"]}
 
 
 def accuracy(n_ppl: int = 2048) -> dict:
@@ -297,6 +308,11 @@ def worker(engine: str, threads: int, new_tokens: int, reps: int) -> None:
         res = accuracy()
     elif engine.startswith("paired:"):
         res = paired_prefill(engine.split(":", 1)[1].split(","), reps)
+    elif engine == "compile":
+        res = compile_step()
+    elif engine == "qkv-eager":
+        os.environ["QKV_COMPILE"] = "0"
+        res = run_qkv("auto", new_tokens)
     elif engine.startswith("qkv-"):
         res = run_qkv(engine.split("-", 1)[1], new_tokens)
     else:
@@ -338,6 +354,8 @@ def main() -> None:
 
     loads = run_worker("first-load")
     print("first-load", loads, file=sys.stderr, flush=True)
+    built = run_worker("compile")
+    print("compile", built, file=sys.stderr, flush=True)
     job = main_job(5, env)
     print("main job", job, file=sys.stderr, flush=True)
     for _ in range(args.rounds):
@@ -358,6 +376,12 @@ def main() -> None:
           f"warm {loads.get('warm_load_s', float('nan')):.2f} s; main job `qkv explain \"He sat on the river's bank\" "
           f"--token bank`, process start to exit: {job['main_job_s']:.2f} s (importing qkv's CLI alone: "
           f"{job['import_s']:.2f} s); median of 5")
+    if "skipped" in built:
+        print(f"compiled decode step: not built ({built['skipped']}); qkv-auto ran the eager step")
+    else:
+        print(f"compiled decode step (`qkv compile`: torch.export + AOTInductor, once per model shape, torch build and "
+              f"CPU): {built['compile_s']:.1f} s, {built['package_mb']:.1f} MiB package, logits equal to the eager "
+              f"step's within {built['self_check']:.2g} on the self-check")
     paired = [e for e in args.engines if e in PAIRED]
     if args.paired_reps > 0 and "transformers" in paired and len(paired) > 1:
         res = run_worker("paired:" + ",".join(paired))

@@ -74,6 +74,8 @@ def _num(v) -> bool:
 def check_finite(logits: torch.Tensor, step: int) -> None:
     """NaN or +inf logits, or a row with no finite logit, mean the model broke: say so with the step,
     never sample from them (argmax of an all -inf row is token 0, which may well be EOS)."""
+    if bool(torch.isfinite(logits).all()):  # the usual case, in one pass: nothing to look into
+        return
     bad = torch.isnan(logits) | (logits == float("inf"))
     if bool(bad.any()):
         raise InputError(f"non-finite logits at generation step {step} ({int(bad.sum())} NaN/+inf values): "

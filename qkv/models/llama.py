@@ -20,7 +20,7 @@ from ..errors import ShapeError
 from ..nn import KVCache, MultiHeadAttention, RMSNorm, RoPE, SwiGLU
 from ..nn.mlp import glu
 from ..nn.modules import embedding
-from ..nn.quant import QuantizedLinear
+from ..nn.quant import QuantizedLinear, small_matmul
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -101,9 +101,10 @@ class LlamaForCausalLM(nn.Module):
             observer: an ``AttentionObserver`` (qkv.explain) that sees each layer's q, k and lse.
         """
         b, t = self._check_ids(input_ids, cache)
-        if t == 1 and cache and attention_mask is None and positions is None and observer is None \
-                and self._compact_decode(b):
-            return self._decode_step(input_ids, cache)
+        if t == 1 and cache and attention_mask is None and positions is None and observer is None:
+            weights = self.decode_weights(b)
+            if weights is not None:
+                return self._decode_step(input_ids, cache, weights)
         offset = cache[0].offset if cache else 0
         mask = None
         if attention_mask is not None:
@@ -133,41 +134,61 @@ class LlamaForCausalLM(nn.Module):
 
     def _compact_decode(self, batch: int) -> bool:
         """Whether every matrix uses the compact copy ``qkv.load(dtype="auto")`` attaches on the CPU (fused
-        q/k/v and gate/up, no biases) for ``batch`` rows: then a one-token step takes :meth:`_decode_step`.
-        Checked on every call (a few µs): modules can be swapped after loading."""
-        mats = [self.lm_head] + [m for layer in self.model.layers for m in (
-            layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)]
-        return self.model.norm.weight.dtype == torch.float32 and all(
-            isinstance(m, QuantizedLinear) and m.kind != "float" and m.bias is None and batch <= m.small_m
-            for m in mats)
+        q/k/v and gate/up, no biases) for ``batch`` rows: then a one-token step takes :meth:`_decode_step`."""
+        return self.decode_weights(batch) is not None
 
-    def _decode_step(self, ids: torch.Tensor, cache: list[KVCache]) -> torch.Tensor:
-        """The layers of :meth:`forward` for one new token per row, written out with the same kernels in the
-        same order (so the logits are bitwise the same — a test holds them together) but without the module
-        calls and reshapes around them: at 135M parameters those cost as much as the 4-bit matmuls."""
+    def decode_weights(self, batch: int = 1) -> list | None:
+        """The compact weights :func:`decode_layers` multiplies by — per layer [input norm, q/k/v, o,
+        post-attention norm, gate/up, down], then [final norm, lm_head], each matrix as its
+        ``compact_operands()`` — or None where a matrix has no compact copy for ``batch`` rows (or a bias).
+        Walked on every step (modules can be swapped after loading) through the modules' own dicts: ~0.1 ms,
+        where attribute access through ``nn.Module.__getattr__`` costs ~1 ms at 30 layers."""
+        if self.model.norm.weight.dtype != torch.float32:
+            return None
+
+        def op(m):
+            if not isinstance(m, QuantizedLinear) or m.kind == "float" or m.bias is not None or batch > m.small_m:
+                raise LookupError
+            return m.compact_operands()
+        out: list = []
+        try:
+            for layer in self.model.layers._modules.values():
+                mods = layer._modules
+                attn, mlp = mods["self_attn"]._modules, mods["mlp"]._modules
+                if "qkv_proj" not in attn or "gate_up_proj" not in mlp:
+                    return None
+                out.append([mods["input_layernorm"]._parameters["weight"], op(attn["qkv_proj"]), op(attn["o_proj"]),
+                            mods["post_attention_layernorm"]._parameters["weight"], op(mlp["gate_up_proj"]),
+                            op(mlp["down_proj"])])
+            out.append([self.model.norm._parameters["weight"], op(self._modules["lm_head"])])
+        except LookupError:
+            return None
+        return out
+
+    def _decode_step(self, ids: torch.Tensor, cache: list[KVCache], weights: list) -> torch.Tensor:
+        """The layers of :meth:`forward` for one new token per row (:func:`decode_layers`: the same kernels in
+        the same order, so the logits are bitwise the same — a test holds them together — without the module
+        calls and reshapes around them: at 135M parameters those cost as much as the 4-bit matmuls). Where a
+        compiled step is cached for this model and machine (``qkv compile``), one row runs through it."""
         cfg = self.config
-        h, k, d, c, eps = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size,
-                           cfg.rms_norm_eps)
         b = ids.shape[0]
         rope = self.model.layers[0].self_attn.rope
-        cos, signed_sin = rope.rotation(torch.arange(cache[0].offset, cache[0].offset + 1, device=ids.device),
-                                        ids.device)  # (1, D) each
-        x = self.model.embed_tokens(ids).float().view(b, c)  # (B, C)
-        for layer, kv in zip(self.model.layers, cache):
-            attn, mlp = layer.self_attn, layer.mlp
-            qkv = attn.qkv_proj.small(F.rms_norm(x, (c,), layer.input_layernorm.weight, eps=eps))
-            qkv = qkv.view(b, 1, h + 2 * k, d).transpose(1, 2)  # (B, H + 2K, 1, D)
-            qk = qkv[:, :h + k]
-            q, new_k = (qk * cos + torch.roll(qk, d // 2, -1) * signed_sin).split([h, k], dim=1)
-            keys, values = kv.update(new_k, qkv[:, h + k:])  # (B, K, S, D)
-            o = F.scaled_dot_product_attention(q, keys, values, dropout_p=0.0, is_causal=False, scale=None,
-                                               enable_gqa=h != k)  # (B, H, 1, D)
-            x = x + attn.o_proj.small(o.reshape(b, h * d))
-            gate, up = mlp.gate_up_proj.small(F.rms_norm(x, (c,), layer.post_attention_layernorm.weight,
-                                                         eps=eps)).chunk(2, dim=-1)
-            x = x + mlp.down_proj.small(glu(gate, up))
-        x = F.rms_norm(x, (c,), self.model.norm.weight, eps=eps)
-        return self.lm_head.small(x).view(b, 1, -1)  # (B, 1, V) float32
+        pos = torch.arange(cache[0].offset, cache[0].offset + 1, device=ids.device)
+        cos, signed_sin = rope.rotation(pos, ids.device)  # (1, D) each
+        x = self.model.embed_tokens(ids).float().view(b, cfg.hidden_size)  # (B, C)
+        if b == 1:
+            from . import compiled
+            step = compiled.step_for(self)
+            if step is not None:
+                logits = step(x, pos, cos, signed_sin, cache, weights)
+                if logits is not None:
+                    return logits.view(b, 1, -1)
+        return decode_layers(self.decode_dims(), x, cos, signed_sin, weights, appending(cache)).view(b, 1, -1)
+
+    def decode_dims(self) -> tuple[int, int, int, int, float]:
+        """(heads, kv heads, head dim, hidden size, RMSNorm eps): what :func:`decode_layers` needs besides weights."""
+        c = self.config
+        return c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size, c.rms_norm_eps
 
     def _check_ids(self, ids: torch.Tensor, cache) -> tuple[int, int]:
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.long, torch.int32):
@@ -182,3 +203,42 @@ class LlamaForCausalLM(nn.Module):
             raise ShapeError(f"{t} new tokens after {cache[0].offset if cache else 0} cached exceed the context "
                              f"of {limit} positions")
         return b, t
+
+
+
+def decode_layers(dims: tuple[int, int, int, int, float], x: torch.Tensor, cos: torch.Tensor,
+                  signed_sin: torch.Tensor, weights: list, attend) -> torch.Tensor:
+    """The decoder for one new token per row on compact weights: embeddings x (B, C) float32 -> logits (B, V).
+
+    ``weights`` is :meth:`LlamaForCausalLM.decode_weights`; ``attend(i, q, new_k, new_v)`` stores layer i's new
+    key and value (B, K, 1, D) and returns the attention output (B, H, 1, D). The eager step appends to a
+    :class:`KVCache`; the compiled one (qkv.models.compiled) writes into a fixed buffer at a position and masks
+    the rest — the rest of the arithmetic is this one function in both.
+    """
+    h, k, d, c, eps = dims
+    b = x.shape[0]
+    for i, (norm1, qkv_op, o_op, norm2, gate_up_op, down_op) in enumerate(weights[:-1]):
+        qkv = small_matmul(F.rms_norm(x, (c,), norm1, eps=eps), *_flat(qkv_op))
+        qkv = qkv.view(b, 1, h + 2 * k, d).transpose(1, 2)  # (B, H + 2K, 1, D)
+        qk = qkv[:, :h + k]
+        q, new_k = (qk * cos + torch.roll(qk, d // 2, -1) * signed_sin).split([h, k], dim=1)
+        o = attend(i, q, new_k, qkv[:, h + k:])  # (B, H, 1, D)
+        x = x + small_matmul(o.reshape(b, h * d), *_flat(o_op))
+        gate, up = small_matmul(F.rms_norm(x, (c,), norm2, eps=eps), *_flat(gate_up_op)).chunk(2, dim=-1)
+        x = x + small_matmul(glu(gate, up), *_flat(down_op))
+    norm, lm_op = weights[-1]
+    return small_matmul(F.rms_norm(x, (c,), norm, eps=eps), *_flat(lm_op))  # (B, V) float32
+
+
+def appending(cache: list[KVCache]):
+    """The eager step's ``attend`` for :func:`decode_layers`: append to layer i's cache, attend over what it holds."""
+    def attend(i: int, q, new_k, new_v):
+        keys, values = cache[i].update(new_k, new_v)  # (B, K, S, D)
+        return F.scaled_dot_product_attention(q, keys, values, dropout_p=0.0, is_causal=False, scale=None,
+                                              enable_gqa=q.shape[1] != keys.shape[1])
+    return attend
+
+
+def _flat(op: tuple) -> tuple:
+    kind, group, tensors = op
+    return (kind, group, *tensors)

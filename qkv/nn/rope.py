@@ -94,6 +94,7 @@ class RoPE(nn.Module):
 
     def tables(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape (n, D) in float32 for positions 0..n-1 (cached, grown by doubling)."""
+        device = torch.device(device)  # "cpu" != torch.device("cpu"): a string would rebuild (and double) every call
         if self._cos is None or self._cos.shape[0] < n or self._cos.device != device:
             size = max(n, 2 * (0 if self._cos is None else self._cos.shape[0]), 256)
             self._cos, self._sin = self.angles(torch.arange(size, dtype=torch.float64, device="cpu"), device)

@@ -8,8 +8,8 @@ values kept as they are, nothing dequantised to a resident float32 copy.
 * The embedding: rows dequantised from the mapped file when they are looked up (exact).
 * Norms stay float32 parameters.
 
-One-token decode steps run on the compact copies; prompts (more than ``small_m`` rows) and every exact
-analysis (``qkv.nn.quant.exact_weights``) multiply by the exact float32 weights, dequantised from the mapped
+One-token decode steps and short prompts (up to ``COMPACT_ROWS`` = 64 tokens) run on the compact copies;
+longer prompts and every exact analysis (``qkv.nn.quant.exact_weights``) multiply by the exact float32 weights, dequantised from the mapped
 file for the call. The re-packed tensors are cached on disk (``qkv.weights.cache``) and mapped on later
 loads. The GGUF file stays open (mapped, read-only) for the model's lifetime.
 """

@@ -34,11 +34,14 @@ def test_auto_is_compact_and_keeps_no_float32_matrix(fast, smollm2):
 
 
 def test_prompt_logits_are_the_exact_ones_or_bfloat16_on_amx(fast, smollm2):
-    """A prompt runs on the weights dequantised from the file: exactly the float32 model's logits, or on AMX
-    CPUs in bfloat16 (error printed and bounded); inside exact_weights() always the exact ones."""
-    from qkv.nn.quant import exact_weights
+    """A prompt of more than COMPACT_ROWS tokens runs on the weights dequantised from the file: exactly the
+    float32 model's logits, or on AMX CPUs in bfloat16 (error printed and bounded); inside exact_weights()
+    always the exact ones."""
+    from qkv.nn.quant import COMPACT_ROWS, exact_weights
 
-    ids = torch.tensor([smollm2.tokenizer.encode("Attention is all you need, they said. Queries meet keys.")])
+    text = "Attention is all you need, they said. Queries meet keys, and values are mixed by the weights. " * 6
+    ids = torch.tensor([smollm2.tokenizer.encode(text)])
+    assert ids.shape[1] > COMPACT_ROWS
     with torch.inference_mode():
         ref = smollm2.model(ids)
         with exact_weights(fast.model):
@@ -51,6 +54,26 @@ def test_prompt_logits_are_the_exact_ones_or_bfloat16_on_amx(fast, smollm2):
         kl = (p.exp() * (p - q)).sum(-1)
         print(f"bfloat16 prompt: logits max error {float((got - ref).abs().max()):.3f}, mean KL {float(kl.mean()):.2e}")
         assert float(kl.mean()) < 5e-3 and bool((got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9)
+
+
+def test_short_prompts_run_on_the_compact_kernels_close_to_float32(fast, smollm2):
+    """Up to COMPACT_ROWS tokens a prompt multiplies through the int4/int8 kernels (4x faster than dequantising
+    every matrix at 16 tokens): its logits as close to the float32 model's as a decode step's, inside
+    exact_weights() the exact ones."""
+    from qkv.nn.quant import COMPACT_ROWS, exact_weights
+
+    ids = torch.tensor([smollm2.tokenizer.encode("Attention is all you need, they said. Queries meet keys.")])
+    assert 8 < ids.shape[1] <= COMPACT_ROWS
+    with torch.inference_mode():
+        ref = smollm2.model(ids)
+        with exact_weights(fast.model):
+            torch.testing.assert_close(fast.model(ids), ref, rtol=0, atol=0)
+        got = fast.model(ids)
+    p, q = torch.log_softmax(ref, -1), torch.log_softmax(got, -1)
+    kl = (p.exp() * (p - q)).sum(-1)
+    print(f"{ids.shape[1]}-token prompt on the compact kernels: logits max error {float((got - ref).abs().max()):.3f}, "
+          f"mean KL {float(kl.mean()):.2e}")
+    assert float(kl.mean()) < 2e-2 and not torch.equal(got, ref)
 
 
 def test_decode_steps_stay_close_to_float32(fast, smollm2):
@@ -80,7 +103,7 @@ def test_compact_decode_step_is_bitwise_the_module_path(fast):
     """One-token steps take LlamaForCausalLM._decode_step; it must be the layers' own computation, bit for bit.
     The module path is forced by passing positions explicitly (which the shortcut does not take)."""
     m = fast.model
-    assert m._compact_decode(2) and not m._compact_decode(9)  # more rows than small_m: the float32 weights
+    assert m._compact_decode(2) and not m._compact_decode(65)  # more rows than small_m: the exact weights
     prompts = torch.tensor([fast.tokenizer.encode(s)[:4] for s in ("Queries meet keys", "Values are mixed!")])  # (2, 4)
     a, b = m.make_cache(2, 16), m.make_cache(2, 16)
     with torch.inference_mode():

@@ -116,3 +116,12 @@ def test_swiglu_matches_formula():
     g, u = x @ mlp.gate_proj.weight.T, x @ mlp.up_proj.weight.T
     ref = (g * torch.sigmoid(g) * u) @ mlp.down_proj.weight.T
     torch.testing.assert_close(mlp(x), ref)
+
+
+def test_rope_tables_do_not_grow_when_the_device_is_a_string():
+    """rotation(positions, "cpu") step after step: the cached tables are reused, not rebuilt at twice the size
+    (a string never equals a torch.device, which once made each call double them until memory ran out)."""
+    rope = RoPE(64, theta=10000.0)
+    for p in range(10):  # (doubling from 256 rows, ten calls would have made 262,144)
+        cos, _ = rope.rotation(torch.tensor([p]), "cpu")
+    assert rope._cos.shape[0] == 256 and torch.equal(cos, rope.rotation(torch.tensor([9]), torch.device("cpu"))[0])

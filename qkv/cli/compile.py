@@ -1,0 +1,44 @@
+"""``qkv compile`` — build the compiled decode step of a model for this machine (AOTInductor, cached).
+
+Generation uses a cached package from then on (``QKV_COMPILE=auto``, the default); see qkv.models.compiled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from .common import add_model_arguments, load_model
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    p.add_argument("name", nargs="?", help="model (same as --model)")
+    p.add_argument("--force", action="store_true", help="rebuild even if a package is cached")
+    p.add_argument("--steps", type=int, default=32, help="decode steps timed, compiled and eager (0: none)")
+    p.add_argument("--format", choices=["text", "json"], default="text")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..errors import InputError
+    from ..models import compiled
+
+    if args.name:
+        args.model = args.name
+    if args.steps < 0:
+        raise InputError(f"--steps must be >= 0, got {args.steps}")
+    model = load_model(args).model
+    d = compiled.build(model, force=args.force)
+    if args.steps:
+        d["step_ms"] = compiled.step_times(model, args.steps)
+    if args.format == "json":
+        print(json.dumps(d))
+        return 0
+    how = f"built in {d['compile_seconds']:.1f} s" if d["built"] else "cached"
+    print(f"compiled decode step: {d['path']} ({d['bytes'] / 1e6:.1f} MB, {how})")
+    print(f"check against the eager step: largest logit difference {d['self_check']:.3g}")
+    if args.steps:
+        ms = d["step_ms"]
+        print(f"one decode step (median of {args.steps}): compiled {ms['compiled']:.1f} ms "
+              f"({1000 / ms['compiled']:.0f} tokens/s), eager {ms['eager']:.1f} ms ({1000 / ms['eager']:.0f} tokens/s)")
+    return 0

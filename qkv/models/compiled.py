@@ -1,0 +1,303 @@
+"""A compiled one-token decode step for the compact CPU mode: the whole step as one AOTInductor library.
+
+At 135M parameters an eager decode step spends about as long in Python and small kernels (~800 of them:
+norms, RoPE, casts, adds) as in its 4-bit matmuls. ``qkv compile MODEL`` exports :func:`decode_layers` for
+one row — every layer, the final norm and the unembedding — with ``torch.export`` and compiles it ahead of
+time with AOTInductor into a shared library: elementwise work fused into C++ loops, the int4/int8 kernels
+called directly, no Python between layers. The weights are the library's *inputs*, not constants in it, so
+it holds no copy of the model and serves every model of the same shapes and kinds.
+
+The KV cache is static: the step writes the new key and value into the cache's preallocated buffer at the
+position it is given and attends over the whole buffer with the positions after it masked; the buffer's
+length is a dynamic dimension, so one library serves every cache size without recompiling.
+
+Packages are cached at ``<cache root>/decode/<key>.pt2`` (the cache root of qkv.weights.cache). The key names
+everything the library depends on: this file's format version, the torch version, ATen's CPU capability,
+the CPU's flags (the C++ is compiled for this CPU), the model's dimensions and the kinds, shapes and dtypes of
+its weights. A package is written to a temporary name and renamed into place; before a process uses one it
+runs one step on a small synthetic cache through both the library and the eager step and compares the
+logits. A package that does not load, or disagrees, is deleted and the eager step is used — it is always
+there and always correct.
+
+``QKV_COMPILE``: ``auto`` (default) uses a cached package and never builds one; ``1`` builds one when missing
+(about a minute on 2 cores for SmolLM2); ``0`` always runs the eager step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+from ..weights.cache import cache_root
+from .llama import appending, decode_layers
+
+FORMAT = 1
+MODES = ("auto", "1", "0")
+TOLERANCE = 0.05  # the self-check's largest logit difference (logits ~±30; bfloat16 activations in both paths)
+
+
+def mode() -> str:
+    choice = os.environ.get("QKV_COMPILE", "auto")
+    if choice not in MODES:
+        raise ConfigError(f"QKV_COMPILE={choice!r} is not auto, 1 or 0; fix: set one of those or unset it")
+    return choice
+
+
+class DecodeGraph(nn.Module):
+    """What is exported: (x (1, C), position (1,), cos, signed sin (1, D), keys and values of every layer
+    (1, K, L, D), the weights' tensors) -> logits (1, V). Keys and values are written in place."""
+
+    def __init__(self, dims: tuple, spec: list):
+        super().__init__()
+        self.dims, self.spec = dims, spec
+
+    def forward(self, x, pos, cos, signed_sin, ks: list, vs: list, tensors: list):
+        length = ks[0].shape[2]
+        visible = (torch.arange(length, device=x.device) <= pos)[None, None, None, :]  # (1, 1, 1, L)
+
+        def attend(i: int, q, new_k, new_v):
+            ks[i].index_copy_(2, pos, new_k)
+            vs[i].index_copy_(2, pos, new_v)
+            return F.scaled_dot_product_attention(q, ks[i], vs[i], attn_mask=visible, dropout_p=0.0,
+                                                  enable_gqa=q.shape[1] != ks[i].shape[1])
+        return decode_layers(self.dims, x, cos, signed_sin, unflatten(self.spec, tensors), attend)
+
+
+def flatten(weights: list) -> tuple[list, list[torch.Tensor]]:
+    """decode_weights() -> (spec: the structure with kinds and groups, tensors: every tensor in order)."""
+    spec, tensors = [], []
+    for row in weights:
+        srow = []
+        for item in row:
+            if isinstance(item, torch.Tensor):
+                srow.append("t")
+                tensors.append(item)
+            else:
+                kind, group, ts = item
+                srow.append([kind, group, len(ts)])
+                tensors.extend(ts)
+        spec.append(srow)
+    return spec, tensors
+
+
+def unflatten(spec: list, tensors: list) -> list:
+    out, at = [], 0
+    for srow in spec:
+        row = []
+        for s in srow:
+            if s == "t":
+                row.append(tensors[at])
+                at += 1
+            else:
+                kind, group, n = s
+                row.append((kind, group, tuple(tensors[at:at + n])))
+                at += n
+        out.append(row)
+    return out
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return " ".join(sorted(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    import platform
+    return platform.machine() + " " + platform.processor()
+
+
+def package_path(model, spec: list, tensors: list[torch.Tensor]) -> Path:
+    """Where the package for this model's shapes and kinds, this torch and this CPU lives."""
+    key = {"format": FORMAT, "torch": torch.__version__, "capability": torch.backends.cpu.get_cpu_capability(),
+           "cpu": hashlib.sha256(_cpu_flags().encode()).hexdigest()[:16], "dims": list(model.decode_dims()),
+           "context": model.config.max_position_embeddings, "spec": spec,
+           "tensors": [[list(t.shape), str(t.dtype)] for t in tensors]}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:40]
+    return cache_root() / "decode" / f"{digest}.pt2"
+
+
+class CompiledStep:
+    """A loaded package: ``step(x, pos, cos, signed_sin, cache, weights)`` -> logits (1, V), or None where
+    the call is not one it serves (another weights structure, a cache of another dtype); advances the cache."""
+
+    def __init__(self, runner, spec: list, path: Path):
+        self.runner, self.spec, self.path = runner, spec, path
+
+    def __call__(self, x, pos, cos, signed_sin, cache, weights):
+        spec, tensors = flatten(weights)
+        c0 = cache[0]
+        if spec != self.spec or c0.k.dtype != torch.float32 or c0.max_len < 2 or c0.cross:
+            return None
+        out = self.runner.run([x, pos, cos, signed_sin, *(c.k for c in cache), *(c.v for c in cache), *tensors])
+        for c in cache:
+            c.offset += 1
+        return out[0]
+
+
+def step_for(model) -> CompiledStep | None:
+    """The model's compiled step: looked up (and with QKV_COMPILE=1 built) once per model object."""
+    found = model.__dict__.get("_compiled_step", False)
+    if found is False:
+        found = None
+        if mode() != "0":
+            try:
+                found = load(model, build=mode() == "1")
+            except ConfigError:
+                raise
+            except Exception as e:  # noqa: BLE001 — any failure means: run the eager step
+                print(f"qkv: compiled decode step unavailable ({type(e).__name__}: {str(e)[:200]}); "
+                      "running the eager step", file=sys.stderr)
+        model.__dict__["_compiled_step"] = found
+    return found
+
+
+def load(model, *, build: bool = False) -> CompiledStep | None:
+    """The model's cached package, checked against the eager step; built first with ``build``."""
+    spec, tensors = flatten(model.decode_weights())
+    path = package_path(model, spec, tensors)
+    if not path.exists():
+        if not build:
+            return None
+        print("qkv: compiling the decode step for this model and machine (once; about a minute for SmolLM2 on "
+              "2 cores) …", file=sys.stderr, flush=True)
+        print(f"qkv: compiled in {compile_package(model, path):.1f} s -> {path}", file=sys.stderr)
+    try:
+        runner = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+        step = CompiledStep(runner, spec, path)
+        err = self_check(model, step)
+    except Exception as e:  # noqa: BLE001 — a package this torch cannot load is as good as a damaged one
+        err, why = float("inf"), f"{type(e).__name__}: {str(e)[:120]}"
+    else:
+        why = f"its logits differ from the eager step's by {err:.3g}"
+    if err <= TOLERANCE:
+        return step
+    print(f"qkv: the compiled decode step {path} is not usable ({why}); deleted, running the eager step",
+          file=sys.stderr)
+    path.unlink(missing_ok=True)
+    return None
+
+
+def compile_package(model, path: Path) -> float:
+    """Export and compile the step for ``model`` into ``path`` (atomically); returns the seconds it took."""
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():  # importing inductor warns about torch's own deprecated internals
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from torch._inductor import aoti_compile_and_package
+    weights = model.decode_weights()
+    spec, tensors = flatten(weights)
+    x, pos, cos, signed_sin, ks, vs = _example(model, 16)
+    length = torch.export.Dim("cache_length", min=2, max=max(3, model.config.max_position_embeddings))
+    shapes = {"x": None, "pos": None, "cos": None, "signed_sin": None, "ks": [{2: length}] * len(ks),
+              "vs": [{2: length}] * len(vs), "tensors": [None] * len(tensors)}
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecation notices, not the user's
+        program = torch.export.export(DecodeGraph(model.decode_dims(), spec), (x, pos, cos, signed_sin, ks, vs,
+                                                                              tensors), dynamic_shapes=shapes)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp.pt2", dir=path.parent)
+    os.close(fd)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            aoti_compile_and_package(program, package_path=tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return time.perf_counter() - t0
+
+
+def _example(model, length: int, seed: int = 0):
+    """A one-row step's inputs on a synthetic cache of ``length`` positions, half of them filled."""
+    cfg = model.config
+    _, k, d, c, _ = model.decode_dims()
+    g = torch.Generator().manual_seed(seed)
+    ks = [torch.randn(1, k, length, d, generator=g) for _ in range(cfg.num_hidden_layers)]
+    vs = [torch.randn(1, k, length, d, generator=g) for _ in range(cfg.num_hidden_layers)]
+    pos = torch.tensor([length // 2])
+    cos, signed_sin = model.model.layers[0].self_attn.rope.rotation(pos, torch.device("cpu"))
+    x = model.model.embed_tokens(torch.tensor([[min(7, cfg.vocab_size - 1)]])).float().view(1, c)
+    return x, pos, cos, signed_sin, ks, vs
+
+
+def self_check(model, step: CompiledStep) -> float:
+    """The largest logit difference between the compiled and the eager step on a synthetic 8-position cache."""
+    from ..nn import KVCache
+
+    x, pos, cos, signed_sin, ks, vs = _example(model, 8, seed=1)
+    _, k, d, _, _ = model.decode_dims()
+
+    def cache():
+        out = []
+        for kk, vv in zip(ks, vs):
+            kv = KVCache(1, k, 8, d)
+            kv.k.copy_(kk)
+            kv.v.copy_(vv)
+            kv.offset = int(pos)
+            out.append(kv)
+        return out
+    weights = model.decode_weights()
+    with torch.inference_mode():
+        compiled = step(x, pos, cos, signed_sin, cache(), weights)
+        eager = decode_layers(model.decode_dims(), x, cos, signed_sin, weights, appending(cache()))
+    if compiled is None or not bool(torch.isfinite(compiled).all()):
+        return float("inf")
+    return float((compiled - eager).abs().max())
+
+
+def build(model, *, force: bool = False) -> dict:
+    """``qkv compile``: the model's package, built when missing (or with ``force``), loaded and checked.
+    Returns {path, built, compile_seconds, bytes, self_check}; raises ConfigError where nothing can be
+    compiled (no compact weights) or the built package fails its check."""
+    weights = model.decode_weights(1) if hasattr(model, "decode_weights") else None
+    if weights is None:
+        raise ConfigError("this model has no compact weights to compile a decode step for: load a GGUF model "
+                          "on the CPU with dtype auto (the default)")
+    spec, tensors = flatten(weights)
+    path = package_path(model, spec, tensors)
+    seconds = None
+    if force or not path.exists():
+        seconds = compile_package(model, path)
+    step = load(model)
+    if step is None:
+        raise ConfigError(f"the compiled decode step at {path} failed its check against the eager step "
+                          "(details above); generation runs the eager step")
+    model.__dict__["_compiled_step"] = step
+    return {"path": str(path), "built": seconds is not None, "compile_seconds": seconds,
+            "bytes": path.stat().st_size, "self_check": self_check(model, step)}
+
+
+def step_times(model, steps: int = 32) -> dict[str, float]:
+    """Median milliseconds of one decode step through the model's forward, compiled and eager (greedy tokens
+    after a short prompt, ``steps`` each)."""
+    saved = model.__dict__.get("_compiled_step", False)
+    out = {}
+    try:
+        for name, step in (("compiled", saved), ("eager", None)):
+            if name == "compiled" and not saved:
+                continue
+            model.__dict__["_compiled_step"] = step
+            cache = model.make_cache(1, steps + 4)
+            times = []
+            with torch.inference_mode():
+                logits = model(torch.tensor([[1, 2, 3]]), cache=cache, last_only=True)[:, -1]
+                for _ in range(steps):
+                    ids = logits.argmax(-1).view(1, 1)
+                    t0 = time.perf_counter()
+                    logits = model(ids, cache=cache, last_only=True)[:, -1]
+                    times.append(time.perf_counter() - t0)
+            out[name] = 1000 * sorted(times)[len(times) // 2]
+    finally:
+        model.__dict__["_compiled_step"] = saved
+    return out

@@ -1,0 +1,173 @@
+"""The compiled decode step (qkv compile, qkv.models.compiled) on a tiny Q4_0 GGUF model: built once into the
+cache, checked, used by generation with the eager step's tokens and logits, one package for every cache
+length, a damaged package deleted and never used, bad settings refused in one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import qkv
+from qkv.cli.main import main
+from qkv.generate import SamplingOptions, generate_ids
+from qkv.models import compiled
+
+from .conftest import random_llama, tiny_tokenizer, write_gguf
+
+
+@pytest.fixture(scope="module")
+def q4(tmp_path_factory) -> Path:
+    tok = tiny_tokenizer()
+    path = tmp_path_factory.mktemp("compiled") / "q4.gguf"
+    write_gguf(path, random_llama(tok, seed=5), tok, weight_type="Q4_0")
+    return path
+
+
+@pytest.fixture(scope="module")
+def built(q4, tmp_path_factory):
+    """A cache dir holding the tiny model's package (built once for the module, ~15 s on 2 cores)."""
+    cache = tmp_path_factory.mktemp("compiled-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("QKV_CACHE_DIR", str(cache))
+        d = compiled.build(qkv.load(q4).model)
+    assert d["built"] and d["self_check"] <= compiled.TOLERANCE and Path(d["path"]).parent == cache / "decode"
+    return cache
+
+
+@pytest.fixture
+def use(built, monkeypatch):
+    monkeypatch.setenv("QKV_CACHE_DIR", str(built))
+    return built
+
+
+def _run(model, ids: list[int], n: int, cache_len: int, forced: list[int] | None = None):
+    """Greedy tokens (or the ``forced`` ones) and every step's logits through the model's forward (prefill,
+    then one-token steps)."""
+    cache = model.make_cache(1, cache_len)
+    toks, logits = [], []
+    with torch.inference_mode():
+        lg = model(torch.tensor([ids]), cache=cache, last_only=True)[:, -1]
+        for i in range(n):
+            toks.append(int(lg.argmax(-1)) if forced is None else forced[i])
+            lg = model(torch.tensor([[toks[-1]]]), cache=cache, last_only=True)[:, -1]
+            logits.append(lg)
+    return toks, torch.cat(logits), cache
+
+
+@pytest.mark.parametrize("cache_len", [40, 200])
+def test_generation_through_the_compiled_step_matches_the_eager_step(use, q4, cache_len):
+    """One package serves every cache length (a dynamic dimension): the steps' logits agree with the eager
+    step's to float rounding, the greedy tokens are the same, and the caches hold the same keys and values."""
+    model = qkv.load(q4).model
+    step = compiled.step_for(model)
+    assert step is not None and step.path.parent == use / "decode"
+    ids = [5, 17, 42, 8, 99]
+    got, got_logits, got_cache = _run(model, ids, 30, cache_len)
+    model.__dict__["_compiled_step"] = None  # the eager step, on the compiled run's tokens
+    _, ref_logits, ref_cache = _run(model, ids, 30, cache_len, forced=got)
+    err = float((got_logits - ref_logits).abs().max())
+    print(f"compiled vs eager step, {cache_len}-position cache: logits max difference {err:.2e} "
+          f"(largest logit {float(ref_logits.abs().max()):.1f})")
+    # the logits come out of a bfloat16 kernel: a rounding that flips upstream moves them by an ulp or two
+    # (2^-7 relative), never more
+    assert 0 < float(ref_logits.abs().max()) and err <= 0.02 * float(ref_logits.abs().max())
+    # greedy: where the eager step would pick another token, the two were a near-tie for the eager step too
+    top2 = ref_logits.topk(2, dim=-1).values
+    for i, (tok, best) in enumerate(zip(got, [int(ids[-1])] + ref_logits.argmax(-1).tolist())):
+        if i and tok != best:
+            assert float(top2[i - 1, 0] - top2[i - 1, 1]) <= 2 * err, (i, tok, best)
+    first = next((i for i in range(30) if not torch.equal(got_logits[i], ref_logits[i])), 30)
+    print(f"logits bitwise equal for the first {first} steps")
+    assert first >= 3  # the same kernels on the same numbers until a rounding difference compounds
+    for a, b in zip(got_cache, ref_cache):
+        assert a.offset == b.offset == len(ids) + 30
+        for x, y in ((a.k, b.k), (a.v, b.v)):
+            assert torch.equal(x[:, :, :len(ids) + first], y[:, :, :len(ids) + first])
+            assert float((x - y).abs().max()) <= 0.02 * float(y.abs().max())
+    assert len(list((use / "decode").glob("*.pt2"))) == 1  # no second build for the other length
+
+
+def test_the_step_is_not_used_where_it_does_not_apply(use, q4):
+    """Two rows, an observer (attention capture) or a float32 model run their own paths: no package call."""
+    from qkv.explain.capture import capture_generation  # noqa: F401 — capture's path is the forward, not the step
+
+    model = qkv.load(q4).model
+    step = compiled.step_for(model)
+    calls = []
+    model.__dict__["_compiled_step"] = lambda *a: calls.append(a) or step(*a)
+    ids = torch.tensor([[5, 17], [42, 8]])
+    cache = model.make_cache(2, 8)
+    with torch.inference_mode():
+        model(ids, cache=cache, last_only=True)
+        model(torch.tensor([[3], [4]]), cache=cache, last_only=True)
+    assert calls == []
+    exact = qkv.load(q4, dtype="float32").model
+    assert exact.decode_weights(1) is None
+    assert list(generate_ids(exact, [5, 17], SamplingOptions(temperature=0), max_new_tokens=3))
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
+def test_a_damaged_package_is_deleted_and_never_used(built, q4, tmp_path, monkeypatch, capsys, damage):
+    cache = tmp_path / "cache"
+    (cache / "decode").mkdir(parents=True)
+    [good] = (built / "decode").glob("*.pt2")
+    data = good.read_bytes()
+    bad = cache / "decode" / good.name
+    bad.write_bytes({"garbage": b"not a package" * 100, "truncated": data[: len(data) // 2], "empty": b""}[damage])
+    monkeypatch.setenv("QKV_CACHE_DIR", str(cache))
+    model = qkv.load(q4).model
+    assert compiled.step_for(model) is None
+    err = capsys.readouterr().err
+    assert "not usable" in err and "eager" in err and err.count("\n") == 1
+    assert not bad.exists()
+    model.__dict__.pop("_compiled_step")
+    toks = list(generate_ids(model, [5, 17], SamplingOptions(temperature=0), max_new_tokens=5))
+    monkeypatch.setenv("QKV_COMPILE", "0")
+    model.__dict__.pop("_compiled_step")
+    assert toks == list(generate_ids(model, [5, 17], SamplingOptions(temperature=0), max_new_tokens=5))
+
+
+def test_a_package_that_computes_something_else_fails_its_check(use, q4, capsys):
+    """The check runs the package against the eager step: another model's weights in the same shapes agree
+    with their own eager step, so a package is not tied to the weights it was built with — but a step whose
+    logits differ is refused."""
+    model = qkv.load(q4).model
+    step = compiled.step_for(model)
+    assert compiled.self_check(model, step) <= compiled.TOLERANCE
+
+    class Wrong(compiled.CompiledStep):
+        def __call__(self, *a):
+            out = super().__call__(*a)
+            return None if out is None else out + 1.0
+    assert compiled.self_check(model, Wrong(step.runner, step.spec, step.path)) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_auto_never_builds_and_zero_never_loads(q4, use, tmp_path, monkeypatch):
+    monkeypatch.setenv("QKV_CACHE_DIR", str(tmp_path))
+    model = qkv.load(q4).model
+    list(generate_ids(model, [5, 17], SamplingOptions(temperature=0), max_new_tokens=3))
+    assert model.__dict__["_compiled_step"] is None and not (tmp_path / "decode").exists()
+    monkeypatch.setenv("QKV_CACHE_DIR", str(use))
+    monkeypatch.setenv("QKV_COMPILE", "0")
+    model = qkv.load(q4).model
+    list(generate_ids(model, [5, 17], SamplingOptions(temperature=0), max_new_tokens=3))
+    assert model.__dict__["_compiled_step"] is None
+
+
+def test_compile_cli_reports_and_refuses_what_it_cannot_compile(use, q4, capsys, monkeypatch):
+    assert main(["compile", "--model", str(q4), "--format", "json", "--steps", "4"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["built"] is False and Path(d["path"]).exists() and d["self_check"] <= compiled.TOLERANCE
+    assert set(d["step_ms"]) == {"compiled", "eager"} and all(v > 0 for v in d["step_ms"].values())
+    assert main(["compile", "--model", str(q4), "--steps", "-1"]) == 2
+    assert "--steps" in capsys.readouterr().err
+    assert main(["compile", "--model", str(q4), "--dtype", "float32", "--steps", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qkv: error:") and "compact" in err and err.count("\n") == 1
+    monkeypatch.setenv("QKV_COMPILE", "yes")
+    assert main(["generate", "--model", str(q4), "hello", "-n", "3", "-t", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "QKV_COMPILE='yes'" in err and err.count("\n") == 1
