@@ -380,8 +380,8 @@ def main() -> None:
         print(f"compiled decode step: not built ({built['skipped']}); qkv-auto ran the eager step")
     else:
         print(f"compiled decode step (`qkv compile`: torch.export + AOTInductor, once per model shape, torch build and "
-              f"CPU): {built['compile_s']:.1f} s, {built['package_mb']:.1f} MiB package, logits equal to the eager "
-              f"step's within {built['self_check']:.2g} on the self-check")
+              f"CPU): {built['compile_s']:.1f} s, {built['package_mb']:.1f} MiB package; its self-check against the "
+              f"eager step: largest difference {built['self_check']:.2g} of the logits' and cache writes' size")
     paired = [e for e in args.engines if e in PAIRED]
     if args.paired_reps > 0 and "transformers" in paired and len(paired) > 1:
         res = run_worker("paired:" + ",".join(paired))

@@ -3,6 +3,8 @@
 The CLI turns any ``QkvError`` into that line on stderr and exit code 2 — never a traceback.
 """
 
+import re
+
 
 class QkvError(Exception):
     """Base class of every error qkv raises on purpose.
@@ -45,3 +47,13 @@ class InputError(QkvError, ValueError):
 
 class ShapeError(QkvError, ValueError):
     """Tensor arguments have incompatible shapes, dtypes, or devices."""
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """Any message (a compiler's output, a C++ exception with its backtrace) as one line of at most ``limit``
+    characters, with no memory address of an object in it."""
+    text = _ADDRESS.sub("", " ".join(str(text).split()))
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -36,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     how = f"built in {d['compile_seconds']:.1f} s" if d["built"] else "cached"
     print(f"compiled decode step: {d['path']} ({d['bytes'] / 1e6:.1f} MB, {how})")
-    print(f"check against the eager step: largest logit difference {d['self_check']:.3g}")
+    print(f"check against the eager step (logits and cache writes): largest difference {d['self_check']:.3g} "
+          "of their size")
     if args.steps:
         ms = d["step_ms"]
         print(f"one decode step (median of {args.steps}): compiled {ms['compiled']:.1f} ms "

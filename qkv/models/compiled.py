@@ -26,10 +26,12 @@ there and always correct.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -38,13 +40,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, one_line
 from ..weights.cache import cache_root
+from ..nn.mlp import glu
+from ..nn.quant import small_matmul
 from .llama import appending, decode_layers
 
 FORMAT = 1
 MODES = ("auto", "1", "0")
-TOLERANCE = 0.05  # the self-check's largest logit difference (logits ~±30; bfloat16 activations in both paths)
+# The check's largest difference, relative to the largest eager logit (or cached value): both paths send their
+# activations through bfloat16, so a rounding that flips upstream moves a result by an ulp or two (2^-7).
+TOLERANCE = 0.02
+_LOCK = threading.Lock()  # one lookup (and build) per model object, whatever the threads
 
 
 def mode() -> str:
@@ -119,28 +126,56 @@ def _cpu_flags() -> str:
 
 
 def package_path(model, spec: list, tensors: list[torch.Tensor]) -> Path:
-    """Where the package for this model's shapes and kinds, this torch and this CPU lives."""
-    key = {"format": FORMAT, "torch": torch.__version__, "capability": torch.backends.cpu.get_cpu_capability(),
+    """Where the package for this model's shapes and kinds, this torch, this CPU and this code lives."""
+    code = "".join(inspect.getsource(f) for f in (decode_layers, small_matmul, glu, DecodeGraph))
+    key = {"format": FORMAT, "torch": [torch.__version__, torch.version.git_version],
+           "capability": torch.backends.cpu.get_cpu_capability(),
            "cpu": hashlib.sha256(_cpu_flags().encode()).hexdigest()[:16], "dims": list(model.decode_dims()),
            "context": model.config.max_position_embeddings, "spec": spec,
-           "tensors": [[list(t.shape), str(t.dtype)] for t in tensors]}
+           "tensors": [[list(t.shape), str(t.dtype)] for t in tensors],
+           "code": hashlib.sha256(code.encode()).hexdigest()}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:40]
     return cache_root() / "decode" / f"{digest}.pt2"
 
 
 class CompiledStep:
-    """A loaded package: ``step(x, pos, cos, signed_sin, cache, weights)`` -> logits (1, V), or None where
-    the call is not one it serves (another weights structure, a cache of another dtype); advances the cache."""
+    """A loaded package: ``step(x, pos, cos, signed_sin, cache, weights)`` -> logits (1, V) and the caches
+    advanced, or None (nothing touched) where the call is not exactly one the package was built for: weights
+    of other kinds, shapes or dtypes, caches that are not all (1, K, L, D) float32 at one offset with
+    2 <= L <= the context. The library itself checks none of that."""
 
-    def __init__(self, runner, spec: list, path: Path):
+    def __init__(self, runner, spec: list, tensors: list[torch.Tensor], model, path: Path):
         self.runner, self.spec, self.path = runner, spec, path
+        self.signature = [(t.shape, t.dtype) for t in tensors]
+        _, self.kv_heads, self.head_dim, _, _ = model.decode_dims()
+        self.context = model.config.max_position_embeddings
+        self.broken = False
+        self._checked: list[int] = []  # ids of the tensors last found to match the signature
+
+    def _serves(self, spec: list, tensors: list[torch.Tensor], cache) -> bool:
+        ids = [id(t) for t in tensors]
+        if ids != self._checked:
+            if spec != self.spec or [(t.shape, t.dtype) for t in tensors] != self.signature:
+                return False
+            self._checked = ids
+        c0 = cache[0]
+        shape = (1, self.kv_heads, c0.k.shape[2], self.head_dim)
+        return 2 <= shape[2] <= self.context and all(
+            c.k.shape == shape and c.v.shape == shape and c.k.dtype == torch.float32 and c.v.dtype == torch.float32
+            and c.offset == c0.offset and not c.cross for c in cache)
 
     def __call__(self, x, pos, cos, signed_sin, cache, weights):
         spec, tensors = flatten(weights)
-        c0 = cache[0]
-        if spec != self.spec or c0.k.dtype != torch.float32 or c0.max_len < 2 or c0.cross:
+        if self.broken or not self._serves(spec, tensors, cache):
             return None
-        out = self.runner.run([x, pos, cos, signed_sin, *(c.k for c in cache), *(c.v for c in cache), *tensors])
+        try:
+            out = self.runner.run([x, pos, cos, signed_sin, *(c.k for c in cache), *(c.v for c in cache),
+                                   *tensors])
+        except Exception as e:  # noqa: BLE001 — the eager step takes over (no offset was advanced)
+            self.broken = True
+            print(f"qkv: the compiled decode step failed ({one_line(f'{type(e).__name__}: {e}', 200)}); "
+                  "running the eager step from here", file=sys.stderr)
+            return None
         for c in cache:
             c.offset += 1
         return out[0]
@@ -150,43 +185,48 @@ def step_for(model) -> CompiledStep | None:
     """The model's compiled step: looked up (and with QKV_COMPILE=1 built) once per model object."""
     found = model.__dict__.get("_compiled_step", False)
     if found is False:
-        found = None
-        if mode() != "0":
-            try:
-                found = load(model, build=mode() == "1")
-            except ConfigError:
-                raise
-            except Exception as e:  # noqa: BLE001 — any failure means: run the eager step
-                print(f"qkv: compiled decode step unavailable ({type(e).__name__}: {str(e)[:200]}); "
-                      "running the eager step", file=sys.stderr)
-        model.__dict__["_compiled_step"] = found
-    return found
+        with _LOCK:
+            found = model.__dict__.get("_compiled_step", False)
+            if found is False:
+                found = None
+                if mode() != "0":
+                    try:
+                        found, _ = load(model, build=mode() == "1")
+                    except Exception as e:  # noqa: BLE001 — any failure means: run the eager step
+                        print(f"qkv: compiled decode step unavailable ({one_line(f'{type(e).__name__}: {e}', 200)}); "
+                              "running the eager step", file=sys.stderr)
+                model.__dict__["_compiled_step"] = found
+    return None if found is None or found.broken else found
 
 
-def load(model, *, build: bool = False) -> CompiledStep | None:
-    """The model's cached package, checked against the eager step; built first with ``build``."""
+def load(model, *, build: bool = False) -> tuple[CompiledStep | None, float]:
+    """The model's cached package and its check's relative difference from the eager step (built first with
+    ``build``), or (None, why-not as inf). A package that does not load is deleted; one that loads but
+    disagrees is not used (it may serve another model of the same shapes that checks fine)."""
     spec, tensors = flatten(model.decode_weights())
     path = package_path(model, spec, tensors)
     if not path.exists():
         if not build:
-            return None
+            return None, float("inf")
         print("qkv: compiling the decode step for this model and machine (once; about a minute for SmolLM2 on "
               "2 cores) …", file=sys.stderr, flush=True)
         print(f"qkv: compiled in {compile_package(model, path):.1f} s -> {path}", file=sys.stderr)
     try:
-        runner = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
-        step = CompiledStep(runner, spec, path)
-        err = self_check(model, step)
+        step = CompiledStep(torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1), spec, tensors,
+                            model, path)
     except Exception as e:  # noqa: BLE001 — a package this torch cannot load is as good as a damaged one
-        err, why = float("inf"), f"{type(e).__name__}: {str(e)[:120]}"
-    else:
-        why = f"its logits differ from the eager step's by {err:.3g}"
+        print(f"qkv: the compiled decode step {path} does not load ({one_line(f'{type(e).__name__}: {e}', 160)}); "
+              "deleted, running the eager step", file=sys.stderr)
+        path.unlink(missing_ok=True)
+        return None, float("inf")
+    err = self_check(model, step)
     if err <= TOLERANCE:
-        return step
-    print(f"qkv: the compiled decode step {path} is not usable ({why}); deleted, running the eager step",
+        return step, err
+    why = "the eager step's own logits are not finite" if err != err else \
+        f"its logits or cache writes differ from the eager step's by {err:.3g} of their size"
+    print(f"qkv: the compiled decode step {path} is not used for this model ({why}); running the eager step",
           file=sys.stderr)
-    path.unlink(missing_ok=True)
-    return None
+    return None, float("inf")
 
 
 def compile_package(model, path: Path) -> float:
@@ -206,7 +246,13 @@ def compile_package(model, path: Path) -> float:
         program = torch.export.export(DecodeGraph(model.decode_dims(), spec), (x, pos, cos, signed_sin, ks, vs,
                                                                               tensors), dynamic_shapes=shapes)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp.pt2", dir=path.parent)
+    for old in path.parent.glob(".tmp-*"):  # left by a build that was killed (an hour is far past any build)
+        try:
+            if time.time() - old.stat().st_mtime > 3600:
+                old.unlink()
+        except OSError:
+            pass
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt2", dir=path.parent)  # never matched as a package
     os.close(fd)
     try:
         with warnings.catch_warnings():
@@ -232,7 +278,10 @@ def _example(model, length: int, seed: int = 0):
 
 
 def self_check(model, step: CompiledStep) -> float:
-    """The largest logit difference between the compiled and the eager step on a synthetic 8-position cache."""
+    """One step through the package and through the eager step on the same synthetic 8-position cache (half
+    filled, the rest random, so the mask is tested too): the larger of the logits' and the written keys' and
+    values' largest differences, each relative to the largest eager value; NaN where the eager step's own
+    logits are not finite (nothing to check against), inf where the package refused or gave non-finite ones."""
     from ..nn import KVCache
 
     x, pos, cos, signed_sin, ks, vs = _example(model, 8, seed=1)
@@ -248,18 +297,27 @@ def self_check(model, step: CompiledStep) -> float:
             out.append(kv)
         return out
     weights = model.decode_weights()
+    compiled_cache, eager_cache = cache(), cache()
     with torch.inference_mode():
-        compiled = step(x, pos, cos, signed_sin, cache(), weights)
-        eager = decode_layers(model.decode_dims(), x, cos, signed_sin, weights, appending(cache()))
+        compiled = step(x, pos, cos, signed_sin, compiled_cache, weights)
+        eager = decode_layers(model.decode_dims(), x, cos, signed_sin, weights, appending(eager_cache))
+    if not bool(torch.isfinite(eager).all()):
+        return float("nan")
     if compiled is None or not bool(torch.isfinite(compiled).all()):
         return float("inf")
-    return float((compiled - eager).abs().max())
+    errs = [float((compiled - eager).abs().max()) / max(float(eager.abs().max()), 1e-30)]
+    for a, b in zip(compiled_cache, eager_cache):
+        if a.offset != b.offset:
+            return float("inf")
+        for got, want in ((a.k, b.k), (a.v, b.v)):
+            errs.append(float((got - want).abs().max()) / max(float(want.abs().max()), 1e-30))
+    return max(errs)
 
 
 def build(model, *, force: bool = False) -> dict:
     """``qkv compile``: the model's package, built when missing (or with ``force``), loaded and checked.
-    Returns {path, built, compile_seconds, bytes, self_check}; raises ConfigError where nothing can be
-    compiled (no compact weights) or the built package fails its check."""
+    Returns {path, built, compile_seconds, bytes, self_check}; raises ConfigError (one line) where nothing can
+    be compiled (no compact weights, no C++ compiler, an export that fails) or the package fails its check."""
     weights = model.decode_weights(1) if hasattr(model, "decode_weights") else None
     if weights is None:
         raise ConfigError("this model has no compact weights to compile a decode step for: load a GGUF model "
@@ -268,14 +326,18 @@ def build(model, *, force: bool = False) -> dict:
     path = package_path(model, spec, tensors)
     seconds = None
     if force or not path.exists():
-        seconds = compile_package(model, path)
-    step = load(model)
+        try:
+            seconds = compile_package(model, path)
+        except Exception as e:  # noqa: BLE001 — inductor's errors carry a compiler's whole output
+            raise ConfigError(f"could not compile the decode step ({one_line(f'{type(e).__name__}: {e}', 240)}); "
+                              "fix: install a C++ compiler (g++) or report it; generation runs the eager step") from None
+    step, err = load(model)
     if step is None:
         raise ConfigError(f"the compiled decode step at {path} failed its check against the eager step "
                           "(details above); generation runs the eager step")
     model.__dict__["_compiled_step"] = step
     return {"path": str(path), "built": seconds is not None, "compile_seconds": seconds,
-            "bytes": path.stat().st_size, "self_check": self_check(model, step)}
+            "bytes": path.stat().st_size, "self_check": err}
 
 
 def step_times(model, steps: int = 32) -> dict[str, float]:

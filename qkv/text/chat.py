@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import jinja2
 from jinja2.sandbox import SecurityError
 
-from qkv.errors import TemplateError
+from qkv.errors import TemplateError, one_line
 from qkv.text.sandbox import (MAX_OUTPUT_CHARS, Budget, LimitError, OutputTooLong, Raised, RenderTimeout, Unprintable,
                               activate, guarded_join, make_environment)
 
@@ -56,15 +56,6 @@ TIME_LIMIT_S = 0.75  # real templates render in milliseconds; a refusal stays wi
 _GRACE_S = 0.5  # how long an interrupted render may take to unwind
 _MAX_DEPTH = 32  # nesting of message data
 _MIN_JINJA = (3, 1, 6)
-_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
-
-
-def _one_line(text: str, limit: int = 300) -> str:
-    """One line, at most ``limit`` characters, with no memory address of an object in it."""
-    text = _ADDRESS.sub("", " ".join(str(text).split()))
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
 # --- message data -----------------------------------------------------------------------------------------
 
 
@@ -196,14 +187,14 @@ class ChatTemplate:
             template = env.from_string(source)
         except jinja2.TemplateSyntaxError as exc:
             raise TemplateError(f"chat template {self.name} has a syntax error at line {exc.lineno}: "
-                                f"{_one_line(exc.message or '')}; fix: correct the template") from None
+                                f"{one_line(exc.message or '')}; fix: correct the template") from None
         except SyntaxError as exc:  # IndentationError too: Python's limits on the compiled code's nesting
             raise TemplateError(f"chat template {self.name} nests blocks too deeply to compile "
-                                f"({_one_line(exc.msg or type(exc).__name__)}); fix: flatten the template") from None
+                                f"({one_line(exc.msg or type(exc).__name__)}); fix: flatten the template") from None
         except (LimitError, RecursionError, MemoryError, ValueError, TypeError, OverflowError,
                 SystemError) as exc:
             raise TemplateError(f"chat template {self.name} does not compile: "
-                                f"{_one_line(str(exc) or type(exc).__name__)}; fix: correct the template") from None
+                                f"{one_line(str(exc) or type(exc).__name__)}; fix: correct the template") from None
         names = template.root_render_func.__globals__  # the compiled module: `~` goes through these
         for join in ("str_join", "markup_join"):
             if join in names:
@@ -293,25 +284,25 @@ class ChatTemplate:
         line = _template_line(exc)
         at = f" (line {line})" if line else ""
         if isinstance(exc, Raised):
-            return TemplateError(f"chat template {self.name}{at} refused the conversation: {_one_line(str(exc))}; "
+            return TemplateError(f"chat template {self.name}{at} refused the conversation: {one_line(str(exc))}; "
                                  "fix: change the messages as the message says")
         if isinstance(exc, SecurityError):
             return TemplateError(f"chat template {self.name}{at} tried something the sandbox forbids: "
-                                 f"{_one_line(str(exc))}; fix: do not use this template (or override it)")
+                                 f"{one_line(str(exc))}; fix: do not use this template (or override it)")
         if isinstance(exc, OutputTooLong):
-            return TemplateError(f"chat template {self.name}: rendered {_one_line(str(exc))}; fix: shorten the "
+            return TemplateError(f"chat template {self.name}: rendered {one_line(str(exc))}; fix: shorten the "
                                  "conversation, raise max_output_chars, or inspect the template")
         if isinstance(exc, LimitError):
-            return TemplateError(f"chat template {self.name}{at} broke a size limit: {_one_line(str(exc))}; "
+            return TemplateError(f"chat template {self.name}{at} broke a size limit: {one_line(str(exc))}; "
                                  "fix: inspect the template (qkv --show-template) or override it")
         if isinstance(exc, Unprintable):
             return TemplateError(f"chat template {self.name}{at} tried to print Python internals: "
-                                 f"{_one_line(str(exc))}; fix: print only message text and plain values")
+                                 f"{one_line(str(exc))}; fix: print only message text and plain values")
         if isinstance(exc, MemoryError):
             return TemplateError(f"chat template {self.name}{at} ran out of memory; fix: inspect the template")
         if isinstance(exc, RecursionError):
             return TemplateError(f"chat template {self.name}{at} recursed too deep; fix: inspect the template")
-        detail = _one_line(str(exc)) or type(exc).__name__
+        detail = one_line(str(exc)) or type(exc).__name__
         return TemplateError(f"chat template {self.name}{at} failed: {detail}; fix: check the messages "
                              "against what the template expects, or override the template")
 

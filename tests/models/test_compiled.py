@@ -32,6 +32,7 @@ def built(q4, tmp_path_factory):
     cache = tmp_path_factory.mktemp("compiled-cache")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("QKV_CACHE_DIR", str(cache))
+        mp.setenv("QKV_COMPILE", "auto")
         d = compiled.build(qkv.load(q4).model)
     assert d["built"] and d["self_check"] <= compiled.TOLERANCE and Path(d["path"]).parent == cache / "decode"
     return cache
@@ -40,7 +41,19 @@ def built(q4, tmp_path_factory):
 @pytest.fixture
 def use(built, monkeypatch):
     monkeypatch.setenv("QKV_CACHE_DIR", str(built))
+    monkeypatch.setenv("QKV_COMPILE", "auto")  # the suite's default is 0 (tests/conftest.py)
     return built
+
+
+class Counting:
+    """A runner that counts the package's calls (a step that silently fell back to eager would not count)."""
+
+    def __init__(self, runner):
+        self.runner, self.calls = runner, 0
+
+    def run(self, inputs):
+        self.calls += 1
+        return self.runner.run(inputs)
 
 
 def _run(model, ids: list[int], n: int, cache_len: int, forced: list[int] | None = None):
@@ -57,15 +70,18 @@ def _run(model, ids: list[int], n: int, cache_len: int, forced: list[int] | None
     return toks, torch.cat(logits), cache
 
 
-@pytest.mark.parametrize("cache_len", [40, 200])
+@pytest.mark.parametrize("cache_len", [35, 200])
 def test_generation_through_the_compiled_step_matches_the_eager_step(use, q4, cache_len):
-    """One package serves every cache length (a dynamic dimension): the steps' logits agree with the eager
-    step's to float rounding, the greedy tokens are the same, and the caches hold the same keys and values."""
+    """One package serves every cache length (a dynamic dimension; 35 fills the cache to its last slot): every
+    step runs through the package, its logits agree with the eager step's to bfloat16 rounding, and the caches
+    hold the same keys and values."""
     model = qkv.load(q4).model
     step = compiled.step_for(model)
     assert step is not None and step.path.parent == use / "decode"
+    step.runner = counting = Counting(step.runner)
     ids = [5, 17, 42, 8, 99]
     got, got_logits, got_cache = _run(model, ids, 30, cache_len)
+    assert counting.calls == 30
     model.__dict__["_compiled_step"] = None  # the eager step, on the compiled run's tokens
     _, ref_logits, ref_cache = _run(model, ids, 30, cache_len, forced=got)
     err = float((got_logits - ref_logits).abs().max())
@@ -91,19 +107,39 @@ def test_generation_through_the_compiled_step_matches_the_eager_step(use, q4, ca
 
 
 def test_the_step_is_not_used_where_it_does_not_apply(use, q4):
-    """Two rows, an observer (attention capture) or a float32 model run their own paths: no package call."""
-    from qkv.explain.capture import capture_generation  # noqa: F401 — capture's path is the forward, not the step
-
-    model = qkv.load(q4).model
+    """Two rows, an attention capture (an observer), caches the package was not built for, or a float32 model
+    run their own paths: no package call, nothing advanced."""
+    loaded = qkv.load(q4)
+    model = loaded.model
     step = compiled.step_for(model)
-    calls = []
-    model.__dict__["_compiled_step"] = lambda *a: calls.append(a) or step(*a)
+    step.runner = counting = Counting(step.runner)
     ids = torch.tensor([[5, 17], [42, 8]])
     cache = model.make_cache(2, 8)
     with torch.inference_mode():
         model(ids, cache=cache, last_only=True)
         model(torch.tensor([[3], [4]]), cache=cache, last_only=True)
-    assert calls == []
+    pieces = [p for p, _ in qkv.capture_generation(loaded, "hello there", temperature=0, max_new_tokens=4)]
+    assert counting.calls == 0 and len(pieces) >= 2
+    x, pos, cos, ssin, ks, vs = compiled._example(model, 8)
+    weights = model.decode_weights()
+    for bad in ("lengths", "offsets", "dtype", "too long"):
+        cache = model.make_cache(1, 8)
+        if bad == "lengths":
+            cache[1] = type(cache[1])(1, cache[1].k.shape[1], 9, cache[1].k.shape[3])
+        elif bad == "offsets":
+            cache[1].offset = 3
+        elif bad == "dtype":
+            cache = model.make_cache(1, 8)
+            for c in cache:
+                c.k, c.v = c.k.double(), c.v.double()
+        else:
+            cache = model.make_cache(1, model.config.max_position_embeddings + 1)
+        offsets = [c.offset for c in cache]
+        with torch.inference_mode():
+            assert step(x, pos, cos, ssin, cache, weights) is None, bad
+        assert [c.offset for c in cache] == offsets and counting.calls == 0
+    assert step(x, pos, cos, ssin, model.make_cache(1, 8), weights[:-1] + [weights[-1][:1] + [
+        ("int8", 0, (weights[-1][1][2][0][:, :-1], weights[-1][1][2][1]))]]) is None  # another weight shape
     exact = qkv.load(q4, dtype="float32").model
     assert exact.decode_weights(1) is None
     assert list(generate_ids(exact, [5, 17], SamplingOptions(temperature=0), max_new_tokens=3))
@@ -118,10 +154,11 @@ def test_a_damaged_package_is_deleted_and_never_used(built, q4, tmp_path, monkey
     bad = cache / "decode" / good.name
     bad.write_bytes({"garbage": b"not a package" * 100, "truncated": data[: len(data) // 2], "empty": b""}[damage])
     monkeypatch.setenv("QKV_CACHE_DIR", str(cache))
+    monkeypatch.setenv("QKV_COMPILE", "auto")
     model = qkv.load(q4).model
     assert compiled.step_for(model) is None
     err = capsys.readouterr().err
-    assert "not usable" in err and "eager" in err and err.count("\n") == 1
+    assert "does not load" in err and "eager" in err and err.count("\n") == 1
     assert not bad.exists()
     model.__dict__.pop("_compiled_step")
     toks = list(generate_ids(model, [5, 17], SamplingOptions(temperature=0), max_new_tokens=5))
@@ -130,19 +167,49 @@ def test_a_damaged_package_is_deleted_and_never_used(built, q4, tmp_path, monkey
     assert toks == list(generate_ids(model, [5, 17], SamplingOptions(temperature=0), max_new_tokens=5))
 
 
-def test_a_package_that_computes_something_else_fails_its_check(use, q4, capsys):
-    """The check runs the package against the eager step: another model's weights in the same shapes agree
-    with their own eager step, so a package is not tied to the weights it was built with — but a step whose
-    logits differ is refused."""
+def test_a_package_that_computes_something_else_fails_its_check(use, q4, capsys, monkeypatch):
+    """The check runs the package and the eager step on one synthetic cache: logits that differ, or a cache
+    write that did not happen, fail it — and such a package is not used for this model, but not deleted (it
+    may serve another model of the same shapes, whose own check passes)."""
     model = qkv.load(q4).model
     step = compiled.step_for(model)
     assert compiled.self_check(model, step) <= compiled.TOLERANCE
 
-    class Wrong(compiled.CompiledStep):
-        def __call__(self, *a):
-            out = super().__call__(*a)
-            return None if out is None else out + 1.0
-    assert compiled.self_check(model, Wrong(step.runner, step.spec, step.path)) == pytest.approx(1.0, abs=1e-3)
+    class Shifted:
+        def run(self, inputs):
+            return [out + 1.0 for out in step.runner.run(inputs)]
+
+    class Forgetful:  # computes the logits on copies of the caches: nothing written back
+        def run(self, inputs):
+            n = model.config.num_hidden_layers
+            return step.runner.run(inputs[:4] + [t.clone() for t in inputs[4:4 + 2 * n]] + inputs[4 + 2 * n:])
+    for runner in (Shifted(), Forgetful()):
+        wrong = compiled.CompiledStep(runner, step.spec, compiled.flatten(model.decode_weights())[1], model, step.path)
+        assert compiled.self_check(model, wrong) > compiled.TOLERANCE
+    monkeypatch.setattr(compiled, "self_check", lambda m, s: 0.5)
+    assert compiled.load(model)[0] is None and step.path.exists()
+    err = capsys.readouterr().err
+    assert "not used" in err and err.count("\n") == 1
+
+
+def test_a_package_that_fails_mid_generation_hands_over_to_the_eager_step(use, q4, capsys):
+    model = qkv.load(q4).model
+    step = compiled.step_for(model)
+    ref = list(generate_ids(model, [5, 17], SamplingOptions(temperature=0), max_new_tokens=6))
+
+    class Failing:
+        calls = 0
+
+        def run(self, inputs):
+            Failing.calls += 1
+            if Failing.calls > 2:
+                raise RuntimeError("an error\nfrom C++ with a backtrace\n  at frame 1")
+            return step.runner.run(inputs)
+    step.runner = Failing()
+    got = list(generate_ids(model, [5, 17], SamplingOptions(temperature=0), max_new_tokens=6))
+    err = capsys.readouterr().err
+    assert got == ref and Failing.calls == 3 and step.broken and compiled.step_for(model) is None
+    assert "failed" in err and "eager" in err and err.count("\n") == 1
 
 
 def test_auto_never_builds_and_zero_never_loads(q4, use, tmp_path, monkeypatch):
@@ -167,6 +234,13 @@ def test_compile_cli_reports_and_refuses_what_it_cannot_compile(use, q4, capsys,
     assert main(["compile", "--model", str(q4), "--dtype", "float32", "--steps", "0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("qkv: error:") and "compact" in err and err.count("\n") == 1
+
+    def no_compiler(*a, **k):
+        raise RuntimeError("CppCompileError: C++ compile error\n\nCommand:\ng++ ... \nOutput: g++: not found")
+    monkeypatch.setattr(compiled, "compile_package", no_compiler)
+    assert main(["compile", "--model", str(q4), "--force", "--steps", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qkv: error: could not compile") and "g++" in err and err.count("\n") == 1
     monkeypatch.setenv("QKV_COMPILE", "yes")
     assert main(["generate", "--model", str(q4), "hello", "-n", "3", "-t", "0"]) == 2
     err = capsys.readouterr().err
