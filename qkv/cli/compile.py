@@ -38,6 +38,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"compiled decode step: {d['path']} ({d['bytes'] / 1e6:.1f} MB, {how})")
     print(f"check against the eager step (logits and cache writes): largest difference {d['self_check']:.3g} "
           "of their size")
+    if d["dequantizers"]:
+        print("compiled dequantisers for prompts (checked bitwise against the eager ones): " + ", ".join(
+            f"{name} {'in use' if ok else 'NOT used'}" for name, ok in d["dequantizers"].items()))
     if args.steps:
         ms = d["step_ms"]
         print(f"one decode step (median of {args.steps}): compiled {ms['compiled']:.1f} ms "

@@ -125,17 +125,21 @@ def _cpu_flags() -> str:
     return platform.machine() + " " + platform.processor()
 
 
-def package_path(model, spec: list, tensors: list[torch.Tensor]) -> Path:
-    """Where the package for this model's shapes and kinds, this torch, this CPU and this code lives."""
-    code = "".join(inspect.getsource(f) for f in (decode_layers, small_matmul, glu, DecodeGraph))
+def _package(prefix: str, code: tuple, **what) -> Path:
+    """``<cache>/decode/<prefix><digest>.pt2`` for ``what`` compiled from ``code`` by this torch for this CPU."""
     key = {"format": FORMAT, "torch": [torch.__version__, torch.version.git_version],
            "capability": torch.backends.cpu.get_cpu_capability(),
-           "cpu": hashlib.sha256(_cpu_flags().encode()).hexdigest()[:16], "dims": list(model.decode_dims()),
-           "context": model.config.max_position_embeddings, "spec": spec,
-           "tensors": [[list(t.shape), str(t.dtype)] for t in tensors],
-           "code": hashlib.sha256(code.encode()).hexdigest()}
+           "cpu": hashlib.sha256(_cpu_flags().encode()).hexdigest()[:16],
+           "code": hashlib.sha256("".join(inspect.getsource(f) for f in code).encode()).hexdigest(), **what}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:40]
-    return cache_root() / "decode" / f"{digest}.pt2"
+    return cache_root() / "decode" / f"{prefix}{digest}.pt2"
+
+
+def package_path(model, spec: list, tensors: list[torch.Tensor]) -> Path:
+    """Where the package for this model's shapes and kinds, this torch, this CPU and this code lives."""
+    return _package("", (decode_layers, small_matmul, glu, DecodeGraph), dims=list(model.decode_dims()),
+                    context=model.config.max_position_embeddings, spec=spec,
+                    tensors=[[list(t.shape), str(t.dtype)] for t in tensors])
 
 
 class CompiledStep:
@@ -232,19 +236,25 @@ def load(model, *, build: bool = False) -> tuple[CompiledStep | None, float]:
 def compile_package(model, path: Path) -> float:
     """Export and compile the step for ``model`` into ``path`` (atomically); returns the seconds it took."""
     t0 = time.perf_counter()
-    with warnings.catch_warnings():  # importing inductor warns about torch's own deprecated internals
-        warnings.simplefilter("ignore", DeprecationWarning)
-        from torch._inductor import aoti_compile_and_package
     weights = model.decode_weights()
     spec, tensors = flatten(weights)
     x, pos, cos, signed_sin, ks, vs = _example(model, 16)
     length = torch.export.Dim("cache_length", min=2, max=max(3, model.config.max_position_embeddings))
     shapes = {"x": None, "pos": None, "cos": None, "signed_sin": None, "ks": [{2: length}] * len(ks),
               "vs": [{2: length}] * len(vs), "tensors": [None] * len(tensors)}
+    _export_and_compile(DecodeGraph(model.decode_dims(), spec), (x, pos, cos, signed_sin, ks, vs, tensors), shapes,
+                        path)
+    return time.perf_counter() - t0
+
+
+def _export_and_compile(module: nn.Module, args: tuple, shapes: dict, path: Path) -> None:
+    """torch.export + AOTInductor into ``path``, written under a temporary name and renamed into place."""
+    with warnings.catch_warnings():  # importing inductor warns about torch's own deprecated internals
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from torch._inductor import aoti_compile_and_package
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecation notices, not the user's
-        program = torch.export.export(DecodeGraph(model.decode_dims(), spec), (x, pos, cos, signed_sin, ks, vs,
-                                                                              tensors), dynamic_shapes=shapes)
+        program = torch.export.export(module, args, dynamic_shapes=shapes)
     path.parent.mkdir(parents=True, exist_ok=True)
     for old in path.parent.glob(".tmp-*"):  # left by a build that was killed (an hour is far past any build)
         try:
@@ -261,7 +271,6 @@ def compile_package(model, path: Path) -> float:
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
-    return time.perf_counter() - t0
 
 
 def _example(model, length: int, seed: int = 0):
@@ -314,9 +323,105 @@ def self_check(model, step: CompiledStep) -> float:
     return max(errs)
 
 
+# -- compiled dequantisers: a prompt's weights from the file's 4-bit blocks in one pass ---------------------
+
+
+class DequantGraph(nn.Module):
+    """(n, block bytes) uint8 Q4_0/Q4_1 blocks -> ``out`` (n, 32) float32 or bfloat16, written in place: the
+    operations of ``qkv.weights.int4.dequantize_into`` in its order (``(q - 8) · d``, ``q · d + m``), fused
+    into one loop instead of six passes over the output (a check holds the two bitwise equal before use)."""
+
+    def __init__(self, ggml_type: str):
+        super().__init__()
+        self.head = 4 if ggml_type == "Q4_1" else 2
+
+    def forward(self, blocks, out):
+        qs = blocks[:, self.head:]
+        q = torch.cat([qs & 0x0F, qs >> 4], dim=1).float()  # weights 0..15 in the low nibbles, 16..31 high
+        f = blocks[:, :self.head].contiguous().view(torch.float16).float()  # d (and m)
+        out.copy_((q - 8) * f[:, 0:1] if self.head == 2 else q * f[:, 0:1] + f[:, 1:2])
+
+
+DEQUANT_TYPES = {"Q4_0": 18, "Q4_1": 20}
+_DEQUANT: dict = {}  # (type, dtype, cache root) -> loaded runner, or None (none cached, disagreed, or QKV_COMPILE=0)
+
+
+def dequant_path(ggml_type: str, dtype: torch.dtype) -> Path:
+    return _package("dequant-", (DequantGraph,), type=ggml_type, dtype=str(dtype))
+
+
+def compile_dequant(ggml_type: str, dtype: torch.dtype) -> float:
+    """Build the dequantiser package of one block type and output dtype; the seconds it took."""
+    t0 = time.perf_counter()
+    blocks, out = _dequant_example(ggml_type, 64, dtype)
+    n = torch.export.Dim("blocks", min=2, max=1 << 28)
+    _export_and_compile(DequantGraph(ggml_type), (blocks, out), {"blocks": {0: n}, "out": {0: n}},
+                        dequant_path(ggml_type, dtype))
+    _DEQUANT.pop((ggml_type, dtype, cache_root()), None)
+    return time.perf_counter() - t0
+
+
+def _dequant_example(ggml_type: str, n: int, dtype: torch.dtype, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    blocks = torch.randint(0, 256, (n, DEQUANT_TYPES[ggml_type]), dtype=torch.uint8, generator=g)
+    factors = torch.randn(n, DEQUANT_TYPES[ggml_type] - 16 >> 1, generator=g).half()
+    blocks[:, :factors.shape[1] * 2] = factors.view(torch.uint8).view(n, -1)
+    return blocks, torch.empty(n, 32, dtype=dtype)
+
+
+def dequantizer(ggml_type: str, dtype: torch.dtype):
+    """``fast(blocks, out) -> bool``: the compiled dequantiser of this block type into ``dtype`` if one is cached
+    (``qkv compile``) and gives bitwise the eager dequantiser's numbers on a check, else None. ``fast`` returns
+    False (and writes nothing) for inputs it was not built for: non-contiguous blocks or output."""
+    if mode() == "0":
+        return None
+    key = (ggml_type, dtype, cache_root())
+    if key not in _DEQUANT:
+        with _LOCK:
+            if key not in _DEQUANT:
+                _DEQUANT[key] = _load_dequant(ggml_type, dtype)
+    runner = _DEQUANT[key]
+    if runner is None:
+        return None
+
+    def fast(blocks: torch.Tensor, out: torch.Tensor) -> bool:
+        if not (blocks.is_contiguous() and out.is_contiguous() and blocks.dtype == torch.uint8
+                and blocks.shape[0] == out.shape[0] >= 2 and blocks.shape[1] == DEQUANT_TYPES[ggml_type]
+                and out.shape[1] == 32 and out.dtype == dtype):
+            return False
+        runner.run([blocks, out])
+        return True
+    return fast
+
+
+def _load_dequant(ggml_type: str, dtype: torch.dtype):
+    from ..weights.int4 import dequantize_into
+
+    path = dequant_path(ggml_type, dtype)
+    if not path.exists():
+        return None
+    try:
+        runner = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+        blocks, out = _dequant_example(ggml_type, 4096, dtype, seed=1)
+        runner.run([blocks, out])
+    except Exception as e:  # noqa: BLE001 — a package this torch cannot load is as good as a damaged one
+        print(f"qkv: the compiled dequantiser {path} does not load ({one_line(f'{type(e).__name__}: {e}', 160)}); "
+              "deleted, dequantising in eager", file=sys.stderr)
+        path.unlink(missing_ok=True)
+        return None
+    ref = torch.empty(4096, 32)
+    dequantize_into(blocks, ggml_type, ref)
+    if not torch.equal(out, ref.to(dtype)):
+        print(f"qkv: the compiled dequantiser {path} is not used (its values differ from the eager "
+              "dequantiser's); dequantising in eager", file=sys.stderr)
+        return None
+    return runner
+
+
 def build(model, *, force: bool = False) -> dict:
     """``qkv compile``: the model's package, built when missing (or with ``force``), loaded and checked.
-    Returns {path, built, compile_seconds, bytes, self_check}; raises ConfigError (one line) where nothing can
+    Also builds the prompts' compiled dequantisers. Returns {path, built, compile_seconds, bytes, self_check,
+    dequantizers}; raises ConfigError (one line) where nothing can
     be compiled (no compact weights, no C++ compiler, an export that fails) or the package fails its check."""
     weights = model.decode_weights(1) if hasattr(model, "decode_weights") else None
     if weights is None:
@@ -324,20 +429,35 @@ def build(model, *, force: bool = False) -> dict:
                           "on the CPU with dtype auto (the default)")
     spec, tensors = flatten(weights)
     path = package_path(model, spec, tensors)
-    seconds = None
+    seconds, built = 0.0, False
     if force or not path.exists():
-        try:
-            seconds = compile_package(model, path)
-        except Exception as e:  # noqa: BLE001 — inductor's errors carry a compiler's whole output
-            raise ConfigError(f"could not compile the decode step ({one_line(f'{type(e).__name__}: {e}', 240)}); "
-                              "fix: install a C++ compiler (g++) or report it; generation runs the eager step") from None
+        seconds, built = seconds + _compiling("the decode step", compile_package, model, path), True
+    wanted = [(t, d) for t in getattr(model, "compact_block_types", DEQUANT_TYPES) if t in DEQUANT_TYPES
+              for d in dict.fromkeys((torch.float32, _prompt_dtype()))]  # exact analyses', and prompts' dtype
+    for ggml_type, dtype in wanted:
+        if force or not dequant_path(ggml_type, dtype).exists():
+            seconds, built = seconds + _compiling("a dequantiser", compile_dequant, ggml_type, dtype), True
     step, err = load(model)
     if step is None:
         raise ConfigError(f"the compiled decode step at {path} failed its check against the eager step "
                           "(details above); generation runs the eager step")
     model.__dict__["_compiled_step"] = step
-    return {"path": str(path), "built": seconds is not None, "compile_seconds": seconds,
-            "bytes": path.stat().st_size, "self_check": err}
+    dequant = {f"{t}->{str(d).removeprefix('torch.')}": dequantizer(t, d) is not None for t, d in wanted}
+    return {"path": str(path), "built": built, "compile_seconds": seconds if built else None,
+            "bytes": path.stat().st_size, "self_check": err, "dequantizers": dequant}
+
+
+def _compiling(what: str, fn, *args) -> float:
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 — inductor's errors carry a compiler's whole output
+        raise ConfigError(f"could not compile {what} ({one_line(f'{type(e).__name__}: {e}', 240)}); fix: install a "
+                          "C++ compiler (g++) or report it; generation runs the eager step") from None
+
+
+def _prompt_dtype() -> torch.dtype:
+    from ..weights.compact import prompt_dtype
+    return prompt_dtype()
 
 
 def step_times(model, steps: int = 32) -> dict[str, float]:

@@ -165,8 +165,8 @@ class CompactLinear(QuantizedLinear):
     """A QuantizedLinear that keeps only the compact copy resident — what ``qkv.load(dtype="auto")`` makes of a
     GGUF model on the CPU, so that generating holds the file's bits and not a float32 copy of them.
 
-    ``exact`` is a function that returns the exact float32 weight (N, K), dequantised from the mapped GGUF
-    file. Inputs of more than ``small_m`` rows (prompts) and everything inside :func:`exact_weights`
+    ``exact(dtype=torch.float32)`` is a function that returns the exact float32 weight (N, K), dequantised
+    from the mapped GGUF file (or rounded once to ``dtype``). Inputs of more than ``small_m`` rows (prompts) and everything inside :func:`exact_weights`
     multiply by that exact weight, dequantised for the call and dropped after it (a prompt costs one
     dequantisation of each matrix, ~1/10 of its matmul at 512 tokens). Reading ``.weight`` (an analysis
     that looks at the matrix itself) makes it resident, as an ordinary float32 parameter, from then on.
@@ -224,9 +224,11 @@ class CompactLinear(QuantizedLinear):
 
     def _prompt_weight(self) -> torch.Tensor:
         """The weight a prompt multiplies by: exact float32, or rounded to bfloat16 where AMX makes that
-        matmul several times faster (never inside exact_weights())."""
-        w = self.exact_weight()
-        return w if self.exact_only or self.prompt_dtype == torch.float32 else w.to(self.prompt_dtype)
+        matmul several times faster (never inside exact_weights()), dequantised straight into bfloat16."""
+        if self.exact_only or self.prompt_dtype == torch.float32:
+            return self.exact_weight()
+        p = self._parameters.get("weight")
+        return p.to(self.prompt_dtype) if p is not None else self._exact_fn(self.prompt_dtype)
 
     def _linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         if w.dtype == x.dtype:

@@ -47,20 +47,29 @@ class _Part:
         info = f.tensors[gguf_name]
         self.f, self.name, self.type, self.shape, self.heads = f, gguf_name, info.ggml_type, tuple(info.shape), heads
 
-    def exact(self) -> torch.Tensor:
-        """float32 (N, K), the file's exact values, in qkv's row order."""
-        return self.exact_into(torch.empty(self.shape))
+    def exact(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """float32 (N, K), the file's exact values, in qkv's row order (or those rounded once to ``dtype``)."""
+        return self.exact_into(torch.empty(self.shape, dtype=dtype))
 
     def exact_into(self, out: torch.Tensor) -> torch.Tensor:
-        """The same, written into ``out`` (N, K) float32: the raw blocks are put in qkv's row order first
-        (bytes, not floats, are moved) and dequantised in place."""
+        """The same, written into ``out`` (N, K) float32 or bfloat16: the raw blocks are put in qkv's row order
+        first (bytes, not floats, are moved) and dequantised in place — by the compiled dequantiser of
+        ``qkv compile`` where one is cached (one pass, the same bits), else by the eager one."""
         if self.type not in TORCH_DEQUANT:
             return out.copy_(self._order(self.f.tensor(self.name)))
         n, k = self.shape
         raw = _raw(self.f, self.name).view(n, -1)
         if self.heads is not None:
             raw = self._order(raw)
-        return dequantize_into(raw.reshape(-1, TORCH_DEQUANT[self.type]), self.type, out.view(-1, 32)).view(n, k)
+        blocks, rows = raw.reshape(-1, TORCH_DEQUANT[self.type]), out.view(-1, 32)
+        from ..models.compiled import dequantizer
+
+        fast = dequantizer(self.type, out.dtype) if self.type in INT4_TYPES else None
+        if fast is not None and fast(blocks, rows):
+            return out
+        if out.dtype == torch.float32:
+            return dequantize_into(blocks, self.type, rows).view(n, k)
+        return out.copy_(dequantize_into(blocks, self.type, torch.empty(rows.shape)).view(n, k))
 
     def codes(self) -> tuple[torch.Tensor, ...]:
         return tuple(self._order(t) for t in int4_codes(self.f.raw(self.name), self.type, self.shape,
@@ -71,11 +80,12 @@ class _Part:
 
 
 def _exact_fn(parts: list[_Part]):
-    """The exact float32 weight of (fused) parts, each dequantised into its rows of one output."""
+    """The exact float32 weight of (fused) parts, each dequantised into its rows of one output (or rounded once
+    to the ``dtype`` asked for: a bfloat16 prompt weight without a float32 one in between)."""
     rows = [p.shape[0] for p in parts]
 
-    def exact() -> torch.Tensor:
-        out = torch.empty(sum(rows), parts[0].shape[1])
+    def exact(dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        out = torch.empty(sum(rows), parts[0].shape[1], dtype=dtype)
         for p, block in zip(parts, out.split(rows)):
             p.exact_into(block)
         return out
@@ -143,6 +153,8 @@ def build(model, f, cfg, hf_to_gguf: dict[str, str], *, use_cache: bool = True) 
                 info["compact_cache"] = f"not written ({e.strerror or e})"
         else:
             info["compact_cache"] = "off"
+    # the 4-bit block types its prompts dequantise (what `qkv compile` builds dequantisers for)
+    model.compact_block_types = sorted({q.type for parts in mats.values() for q in parts if q.type in INT4_TYPES})
     kinds = {"int4": 0, "int8": 0}
     prompt = prompt_dtype()
     for p, parts in mats.items():
@@ -203,9 +215,9 @@ def prompt_dtype() -> torch.dtype:
 def _table_of(embedding: CompactEmbedding):
     """The tied unembedding's exact weight: the embedding's resident table if something made it resident,
     else the table dequantised for this call."""
-    def table() -> torch.Tensor:
+    def table(dtype: torch.dtype = torch.float32) -> torch.Tensor:
         p = embedding._parameters.get("weight")
-        return p.detach() if p is not None else embedding._table_fn()
+        return p.detach().to(dtype) if p is not None else embedding._table_fn(dtype)
     return table
 
 

@@ -60,7 +60,7 @@ def test_compact_linear_int8_and_int4_against_the_exact_weight():
     assert s.dtype == torch.bfloat16 and q.abs().max() == 127
     s32 = s.float()[:, None]
     assert ((q.float() * s32 - w).abs() <= s32 * 0.51).all()  # round to nearest (a clamped maximum: 127·2^-9 of a step more)
-    lin = CompactLinear.from_int8(q, s, lambda: w.clone())
+    lin = CompactLinear.from_int8(q, s, lambda dtype=torch.float32: w.to(dtype, copy=True))
     x = torch.randn(3, 64)
     ref = x.bfloat16().double() @ (q.double() * s.double()[:, None]).T  # the kernel takes bfloat16 activations
     torch.testing.assert_close(lin(x).double(), ref, rtol=1e-2, atol=2e-2)  # the int8 path (bf16 output)
