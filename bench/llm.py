@@ -233,6 +233,24 @@ def first_load() -> dict:
     return {"first_load_s": cold, "warm_load_s": time.perf_counter() - t0}
 
 
+def long_prompt(n: int = 8000, new_tokens: int = 16) -> dict:
+    """qkv-auto on an ``n``-token prompt (the standard library's textwrap source, repeated): prefill in chunks
+    (qkv.generate.loop.PREFILL_CHUNK) and in one piece, seconds and peak RSS above the baseline of each."""
+    import textwrap
+    from pathlib import Path
+
+    import qkv
+    from qkv.generate import SamplingOptions, generate_ids, loop
+
+    BASELINE.setdefault("mb", peak_rss_mb("VmRSS"))
+    m = qkv.load("smollm2")
+    ids = m.tokenizer.encode(Path(textwrap.__file__).read_text() * 4)[:n]
+    t0 = time.perf_counter()
+    list(generate_ids(m.model, ids, SamplingOptions(temperature=0), max_new_tokens=new_tokens))
+    return {"tokens": len(ids), "chunk": loop.PREFILL_CHUNK, "seconds": time.perf_counter() - t0,
+            "above_baseline_mb": peak_rss_mb() - BASELINE["mb"]}
+
+
 def compile_step() -> dict:
     """``qkv compile``'s build of the decode step (export + AOTInductor), timed, into the benchmark's cache."""
     import qkv
@@ -310,6 +328,11 @@ def worker(engine: str, threads: int, new_tokens: int, reps: int) -> None:
         res = paired_prefill(engine.split(":", 1)[1].split(","), reps)
     elif engine == "compile":
         res = compile_step()
+    elif engine.startswith("long"):
+        if engine == "long-whole":
+            from qkv.generate import loop
+            loop.PREFILL_CHUNK = 1 << 30
+        res = long_prompt()
     elif engine == "qkv-eager":
         os.environ["QKV_COMPILE"] = "0"
         res = run_qkv("auto", new_tokens)
@@ -328,6 +351,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="run every engine this many times, interleaved")
     ap.add_argument("--paired-reps", type=int, default=15,
                     help="repetitions of the paired prefill comparison (0 skips it; else at least 2)")
+    ap.add_argument("--long", action="store_true",
+                    help="only qkv-auto on an 8,000-token prompt, chunked and whole: time and memory")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.paired_reps == 1 or args.paired_reps < 0:
@@ -352,6 +377,13 @@ def main() -> None:
             return {"skipped": (r.stderr.strip().splitlines() or ["?"])[-1][:120]}
         return json.loads(r.stdout.strip().splitlines()[-1])
 
+    if args.long:
+        run_worker("first-load")  # the compact cache filled (and nothing compiled): both runs load it warm
+        for engine in ("long", "long-whole"):
+            r = run_worker(engine)
+            print(r if "skipped" in r else f"{engine}: {r['tokens']} tokens + 16 new, prefill chunk {r['chunk']}: "
+                  f"{r['seconds']:.1f} s, peak {r['above_baseline_mb']:.0f} MiB above `import qkv`")
+        return
     loads = run_worker("first-load")
     print("first-load", loads, file=sys.stderr, flush=True)
     built = run_worker("compile")
@@ -379,8 +411,8 @@ def main() -> None:
     if "skipped" in built:
         print(f"compiled decode step: not built ({built['skipped']}); qkv-auto ran the eager step")
     else:
-        print(f"compiled decode step (`qkv compile`: torch.export + AOTInductor, once per model shape, torch build and "
-              f"CPU): {built['compile_s']:.1f} s, {built['package_mb']:.1f} MiB package; its self-check against the "
+        print(f"`qkv compile` (the decode step: torch.export + AOTInductor, and the prompts' dequantisers; once per "
+              f"model shape, torch build and CPU): {built['compile_s']:.1f} s, {built['package_mb']:.1f} MiB package; its self-check against the "
               f"eager step: largest difference {built['self_check']:.2g} of the logits' and cache writes' size")
     paired = [e for e in args.engines if e in PAIRED]
     if args.paired_reps > 0 and "transformers" in paired and len(paired) > 1:

@@ -27,6 +27,11 @@ class Piece:
     finish_reason: str | None = None
 
 
+# Prompts longer than this are prefilled in chunks of it, each attending to the cache of those before: the
+# same logits to float rounding, with the (T, intermediate) activations of an 8k prompt ~8x smaller.
+PREFILL_CHUNK = 2048
+
+
 def check_budget(n_prompt: int, max_new_tokens: int, n_ctx: int) -> None:
     """Prompt + new tokens must fit the context window: an error before any model call (K8/K9)."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
@@ -55,7 +60,9 @@ def generate_ids(model, prompt_ids: Sequence[int], opts: SamplingOptions, *, max
     cache = model.make_cache(1, len(prompt_ids) + max_new_tokens)
     ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)  # (1, T)
     context = ids
-    logits = model(ids, cache=cache, last_only=True, observer=observer)[:, -1]  # (1, V)
+    step = len(prompt_ids) if observer is not None else PREFILL_CHUNK  # a capture sees the prompt in one piece
+    for start in range(0, len(prompt_ids), step):  # a long prompt in chunks: activations bounded by the chunk
+        logits = model(ids[:, start:start + step], cache=cache, last_only=True, observer=observer)[:, -1]  # (1, V)
     stops = set(stop_ids)
     for step in range(max_new_tokens):
         nxt = sample(logits, opts, gen, context=context if opts.repetition_penalty != 1.0 else None, step=step)

@@ -168,11 +168,30 @@ def _sdpa(q, k, v, mask, causal, scale, window, dropout_p):
     if mask is None and window is None and (not causal or t == s):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal and t > 1,
                                               scale=scale, enable_gqa=gqa)
+    if causal and mask is None and window is None and t < s and dropout_p == 0.0 and q.device.type == "cpu" \
+            and not q.requires_grad:
+        return _chunk_after_cache(q, k, v, scale)
     full = _full_mask(mask, causal, window, t, s, q.device)
     if full.dtype != torch.bool:
         full = full.to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=full, dropout_p=dropout_p, scale=scale,
                                           enable_gqa=gqa)
+
+
+def _chunk_after_cache(q, k, v, scale):
+    """Causal attention of T new queries over S > T keys whose first S - T are cached (a prompt prefilled in
+    chunks): the cached keys all visible, the chunk's own causal — two fused calls, each without a mask,
+    merged through their log-sum-exps. The same softmax to float rounding as one masked call, which cannot
+    skip the hidden half of the chunk's square and is ~1.4x slower at 2,048 queries over 8k keys."""
+    t, s = q.shape[2], k.shape[2]
+    if q.shape[1] != k.shape[1]:  # the CPU flash kernel takes equal head counts
+        k, v = k.repeat_interleave(q.shape[1] // k.shape[1], 1), v.repeat_interleave(q.shape[1] // k.shape[1], 1)
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    o1, l1 = flash(q, k[:, :, :s - t], v[:, :, :s - t], scale=scale)[:2]  # (B, H, T, D), (B, H, T)
+    o2, l2 = flash(q, k[:, :, s - t:], v[:, :, s - t:], is_causal=True, scale=scale)[:2]
+    m = torch.maximum(l1, l2)
+    w1, w2 = (l1 - m).exp_().unsqueeze(-1), (l2 - m).exp_().unsqueeze(-1)
+    return (o1 * w1).add_(o2 * w2).div_(w1 + w2)
 
 
 def tiled_attention(

@@ -105,3 +105,22 @@ def test_streamed_text_equals_decode_of_all_ids(smollm2):
     ids = [p.token_id for p in pieces if p.token_id is not None]
     assert "".join(p.text for p in pieces) == smollm2.tokenizer.decode(ids, skip_special=True)
     assert all("\ufffd" not in p.text for p in pieces[:-1])
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_with_the_same_tokens(smollm2, monkeypatch):
+    """Past PREFILL_CHUNK tokens the prompt goes in chunks, each attending to the cache of the ones before (the
+    activations of an 8k prompt bounded by the chunk): the same greedy tokens as the full recompute, and the
+    model saw chunk-sized inputs."""
+    from qkv.generate import loop
+
+    ids = smollm2.tokenizer.encode("Queries meet keys; values are mixed by the weights of a softmax. " * 6)[:70]
+    monkeypatch.setattr(loop, "PREFILL_CHUNK", 32)
+    seen = []
+    hook = smollm2.model.register_forward_pre_hook(lambda mod, args, kw: seen.append(args[0].shape[1]),
+                                                   with_kwargs=True)
+    try:
+        got = list(generate_ids(smollm2.model, ids, SamplingOptions(temperature=0), max_new_tokens=8))
+    finally:
+        hook.remove()
+    assert seen[:3] == [32, 32, 6] and seen[3:] == [1] * 7
+    assert got == full_forward_greedy(smollm2.model, ids, 8)

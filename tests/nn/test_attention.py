@@ -274,3 +274,20 @@ def test_gradcheck_reference_and_tiled():
                                     (q, k, v), eps=1e-6, atol=1e-5)
     assert torch.autograd.gradcheck(lambda a, b, c: tiled_attention(a, b, c, mask=mask, block_q=2, block_k=2)[0],
                                     (q, k, v), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("t,s,heads", [(5, 12, (6, 2)), (64, 200, (9, 3)), (7, 8, (4, 4))])
+def test_a_chunk_after_its_cache_matches_the_float64_softmax(t, s, heads):
+    """T new queries over S > T keys, causal aligned bottom-right (a prompt prefilled in chunks): the two-call
+    log-sum-exp merge equals a float64 loop over the masked softmax."""
+    from qkv.nn.attention import attention
+
+    g = torch.Generator().manual_seed(t * s)
+    h, kh = heads
+    q, k, v = (torch.randn(2, n, m, 16, generator=g) for n, m in ((h, t), (kh, s), (kh, s)))
+    got = attention(q, k, v, causal=True)
+    kk, vv = k.double().repeat_interleave(h // kh, 1), v.double().repeat_interleave(h // kh, 1)
+    scores = q.double() @ kk.transpose(-1, -2) / 4.0  # (B, H, T, S)
+    visible = torch.ones(t, s, dtype=torch.bool).tril(s - t)
+    ref = scores.masked_fill(~visible, float("-inf")).softmax(-1) @ vv
+    torch.testing.assert_close(got.double(), ref, rtol=0, atol=2e-6)
