@@ -70,7 +70,9 @@ class Seeds:
     spm_metadata: dict[str, Any]
 
 
-def bpe_tokenizer(vocab_size: int = 300) -> Any:
+def bpe_tokenizer(vocab_size: int = 300, lines: list[str] | None = None) -> Any:
+    """A byte-level BPE (GPT-2 pre-tokenizer) trained on ``lines`` (default: this module's few lines, three
+    times): the specials, 256 bytes, merges. tests/models/conftest.py trains it on its own lines."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -78,7 +80,7 @@ def bpe_tokenizer(vocab_size: int = 300) -> Any:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS), show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(_TRAIN_TEXT * 3, trainer)
+    tok.train_from_iterator((_TRAIN_TEXT if lines is None else lines) * 3, trainer)
     return tok
 
 

@@ -12,12 +12,13 @@ position it is given and attends over the whole buffer with the positions after 
 length is a dynamic dimension, so one library serves every cache size without recompiling.
 
 Packages are cached at ``<cache root>/decode/<key>.pt2`` (the cache root of qkv.weights.cache). The key names
-everything the library depends on: this file's format version, the torch version, ATen's CPU capability,
-the CPU's flags (the C++ is compiled for this CPU), the model's dimensions and the kinds, shapes and dtypes of
-its weights. A package is written to a temporary name and renamed into place; before a process uses one it
-runs one step on a small synthetic cache through both the library and the eager step and compares the
-logits. A package that does not load, or disagrees, is deleted and the eager step is used — it is always
-there and always correct.
+everything the library depends on: this file's format version, the torch version and build, ATen's CPU
+capability, the CPU's flags (the C++ is compiled for this CPU), the source of the step's code, the model's
+dimensions and the kinds, shapes and dtypes of its weights. A package is written to a temporary name and
+renamed into place; before a process uses one it runs one step on a small synthetic cache through both the
+library and the eager step and compares the logits and the cache writes. A package that does not load is
+deleted; one that disagrees is not used; one that fails during generation hands over to the eager step —
+it is always there and always correct. The same holds for the prompts' compiled dequantisers (bitwise).
 
 ``QKV_COMPILE``: ``auto`` (default) uses a cached package and never builds one; ``1`` builds one when missing
 (about a minute on 2 cores for SmolLM2); ``0`` always runs the eager step.
@@ -364,7 +365,7 @@ def compile_dequant(ggml_type: str, dtype: torch.dtype) -> float:
 def _dequant_example(ggml_type: str, n: int, dtype: torch.dtype, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     blocks = torch.randint(0, 256, (n, DEQUANT_TYPES[ggml_type]), dtype=torch.uint8, generator=g)
-    factors = torch.randn(n, DEQUANT_TYPES[ggml_type] - 16 >> 1, generator=g).half()
+    factors = torch.randn(n, (DEQUANT_TYPES[ggml_type] - 16) // 2, generator=g).half()  # d (and m)
     blocks[:, :factors.shape[1] * 2] = factors.view(torch.uint8).view(n, -1)
     return blocks, torch.empty(n, 32, dtype=dtype)
 

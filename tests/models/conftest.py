@@ -32,7 +32,6 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import gguf  # dev dependencies: a missing install must fail, not skip
 import transformers
-import tokenizers
 transformers.logging.disable_progress_bar()
 
 # --- shared numerics ---------------------------------------------------------------------------------
@@ -69,15 +68,10 @@ _TRAIN_TEXT = [
 
 def tiny_tokenizer(vocab_size: int = 300) -> Any:
     """A byte-level BPE (GPT-2 pre-tokenizer) trained on a few lines: 3 specials, 256 bytes, merges."""
-    from tokenizers import decoders, models, pre_tokenizers, trainers
+    from fuzz.seeds import SPECIALS as FUZZ_SPECIALS, bpe_tokenizer
 
-    tok = tokenizers.Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS), show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(_TRAIN_TEXT * 3, trainer)
-    return tok
+    assert FUZZ_SPECIALS == SPECIALS  # the ids the goldens below rely on
+    return bpe_tokenizer(vocab_size, _TRAIN_TEXT)
 
 
 # --- the tiny model ----------------------------------------------------------------------------------
