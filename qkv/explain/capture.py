@@ -102,7 +102,7 @@ def capture(loaded, text: str, *, layers: Iterable[int] | None = None, heads: It
     causal_lm = kind == "causal"  # its logits are needed at the prediction row alone (logit measure)
     with exact_weights(loaded.model):  # a dtype="auto" model's compact copies would serve a short text
         loaded.model(torch.tensor([ids], device=loaded.device), observer=obs,
-                     **({"last_only": True} if causal_lm else {}))
+                     **({"last_only": True} if causal_lm else {}), **_no_logits(loaded.model))
         maps = _measure_maps(loaded, obs, wanted, layers, target, foil)  # the logit measures' unembedding too
     weights = torch.stack([obs.per_head["weights"][layer] for layer in layers]).cpu()  # (L, H, Q, T)
     check_finite_rows(weights)
@@ -110,6 +110,15 @@ def capture(loaded, text: str, *, layers: Iterable[int] | None = None, heads: It
     sinks = find_sinks(weights, value_norms, queries, tokens, causal=causal_lm)
     return AttentionRecord(weights, tokens, tokens, queries, layers, heads, kind=kind, model=loaded.name,
                            key_words=spans, query_words=spans, measures=maps, sinks=sinks)
+
+
+def _no_logits(model) -> dict:
+    """The forward's option to stop before the unembedding, where the model has it: capture reads no logits
+    from the forward (the logit measures unembed their own row), and an exact unembedding costs a
+    dequantisation of its whole (V, C) matrix."""
+    from ..models.llama import LlamaForCausalLM
+
+    return {"unembed": False} if isinstance(model, LlamaForCausalLM) else {}
 
 
 def check_context(loaded, text: str) -> tuple[list[int], list[tuple[int, int]], list[bool]]:

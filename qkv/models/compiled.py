@@ -268,6 +268,8 @@ def _export_and_compile(module: nn.Module, args: tuple, shapes: dict, path: Path
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
+            # the dequantiser reads float16 factors and writes bfloat16: inductor's notice, nothing to act on
+            warnings.filterwarnings("ignore", message="bf16 and fp16 are mixed")
             aoti_compile_and_package(program, package_path=tmp)
         os.replace(tmp, path)
     finally:
@@ -328,19 +330,22 @@ def self_check(model, step: CompiledStep) -> float:
 
 
 class DequantGraph(nn.Module):
-    """(n, block bytes) uint8 Q4_0/Q4_1 blocks -> ``out`` (n, 32) float32 or bfloat16, written in place: the
-    operations of ``qkv.weights.int4.dequantize_into`` in its order (``(q - 8) · d``, ``q · d + m``), fused
-    into one loop instead of six passes over the output (a check holds the two bitwise equal before use)."""
+    """(n, block bytes) uint8 Q4_0/Q4_1 blocks, the same bytes viewed as float16 halves -> ``out`` (n, 32)
+    float32 or bfloat16, written in place: the operations of ``qkv.weights.int4.dequantize_into`` in its
+    order (``(q - 8) · d``, ``q · d + m``) as one fused loop — the nibbles taken by a broadcast shift, the
+    factors read as halves — instead of passes through temporaries (a check holds the two bitwise equal)."""
 
     def __init__(self, ggml_type: str):
         super().__init__()
         self.head = 4 if ggml_type == "Q4_1" else 2
+        self.register_buffer("shift", torch.tensor([0, 4], dtype=torch.uint8).view(1, 2, 1))
 
-    def forward(self, blocks, out):
-        qs = blocks[:, self.head:]
-        q = torch.cat([qs & 0x0F, qs >> 4], dim=1).float()  # weights 0..15 in the low nibbles, 16..31 high
-        f = blocks[:, :self.head].contiguous().view(torch.float16).float()  # d (and m)
-        out.copy_((q - 8) * f[:, 0:1] if self.head == 2 else q * f[:, 0:1] + f[:, 1:2])
+    def forward(self, blocks, halves, out):
+        qs = blocks[:, self.head:].unsqueeze(1)  # (n, 1, 16)
+        q = ((qs >> self.shift) & 0x0F).float()  # (n, 2, 16): weights 0..15 in the low nibbles, 16..31 high
+        d = halves[:, 0:1].unsqueeze(-1).float()  # (n, 1, 1)
+        res = (q - 8) * d if self.head == 2 else q * d + halves[:, 1:2].unsqueeze(-1).float()
+        out.view(-1, 2, 16).copy_(res)
 
 
 DEQUANT_TYPES = {"Q4_0": 18, "Q4_1": 20}
@@ -356,7 +361,8 @@ def compile_dequant(ggml_type: str, dtype: torch.dtype) -> float:
     t0 = time.perf_counter()
     blocks, out = _dequant_example(ggml_type, 64, dtype)
     n = torch.export.Dim("blocks", min=2, max=1 << 28)
-    _export_and_compile(DequantGraph(ggml_type), (blocks, out), {"blocks": {0: n}, "out": {0: n}},
+    _export_and_compile(DequantGraph(ggml_type), (blocks, blocks.view(torch.float16), out),
+                        {"blocks": {0: n}, "halves": {0: n}, "out": {0: n}},
                         dequant_path(ggml_type, dtype))
     _DEQUANT.pop((ggml_type, dtype, cache_root()), None)
     return time.perf_counter() - t0
@@ -376,7 +382,7 @@ def dequantizer(ggml_type: str, dtype: torch.dtype):
     False (and writes nothing) for inputs it was not built for: non-contiguous blocks or output."""
     if mode() == "0":
         return None
-    key = (ggml_type, dtype, cache_root())
+    key = (ggml_type, dtype, _root())
     if key not in _DEQUANT:
         with _LOCK:
             if key not in _DEQUANT:
@@ -390,9 +396,21 @@ def dequantizer(ggml_type: str, dtype: torch.dtype):
                 and blocks.shape[0] == out.shape[0] >= 2 and blocks.shape[1] == DEQUANT_TYPES[ggml_type]
                 and out.shape[1] == 32 and out.dtype == dtype):
             return False
-        runner.run([blocks, out])
+        runner.run([blocks, blocks.view(torch.float16), out])
         return True
     return fast
+
+
+_ROOTS: dict = {}
+
+
+def _root() -> Path:
+    """cache_root(), remembered per value of the variables it reads (a prompt asks once per matrix part)."""
+    env = (os.environ.get("QKV_CACHE_DIR"), os.environ.get("XDG_CACHE_HOME"), os.environ.get("HOME"))
+    root = _ROOTS.get(env)
+    if root is None:
+        root = _ROOTS[env] = cache_root()
+    return root
 
 
 def _load_dequant(ggml_type: str, dtype: torch.dtype):
@@ -404,7 +422,7 @@ def _load_dequant(ggml_type: str, dtype: torch.dtype):
     try:
         runner = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
         blocks, out = _dequant_example(ggml_type, 4096, dtype, seed=1)
-        runner.run([blocks, out])
+        runner.run([blocks, blocks.view(torch.float16), out])
     except Exception as e:  # noqa: BLE001 — a package this torch cannot load is as good as a damaged one
         print(f"qkv: the compiled dequantiser {path} does not load ({one_line(f'{type(e).__name__}: {e}', 160)}); "
               "deleted, dequantising in eager", file=sys.stderr)

@@ -20,7 +20,7 @@ from ..errors import ShapeError
 from ..nn import KVCache, MultiHeadAttention, RMSNorm, RoPE, SwiGLU
 from ..nn.mlp import glu
 from ..nn.modules import embedding
-from ..nn.quant import QuantizedLinear, small_matmul
+from ..nn.quant import CompactLinear, QuantizedLinear, small_matmul
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -40,15 +40,31 @@ class LlamaDecoderLayer(nn.Module):
         (keys and values of every position are still computed and cached)."""
         # The residual stream stays float32; the sublayers run in the weights' dtype. In bf16 this halves
         # the error against the fp32 model (SmolLM2 mean KL ~2e-3 -> ~7e-4, RELIABILITY R7); in fp32 the
-        # casts are no-ops.
+        # casts are no-ops. A compact model's prompt on an AMX CPU runs each sublayer in bfloat16 end to end
+        # (matmuls, attention, SwiGLU), not just its matmuls (see sublayer_dtype).
         dt = self.input_layernorm.weight.dtype
-        a = self.self_attn(self.input_layernorm(x).to(dt), mask=mask, causal=True, cache=cache,
+        fused = self.self_attn.qkv_proj
+        adt = sublayer_dtype(fused, x, dt) if observer is None else dt
+        a = self.self_attn(self.input_layernorm(x).to(adt), mask=mask, causal=True, cache=cache,
                            positions=positions, observer=observer, last_query=last_only)
         h = (x[:, -1:] if last_only else x) + a.float()
-        out = h + self.mlp(self.post_attention_layernorm(h).to(dt)).float()
+        mdt = sublayer_dtype(self.mlp.gate_up_proj, h, dt) if observer is None else dt
+        out = h + self.mlp(self.post_attention_layernorm(h).to(mdt)).float()
         if observer is not None:  # the residual stream around attention, for the faithfulness measures
             observer.residual(x, h, out=out)
         return out
+
+
+def sublayer_dtype(fused: nn.Module | None, x: torch.Tensor, dt: torch.dtype) -> torch.dtype:
+    """The dtype a sublayer runs in on input ``x`` when its weights are ``dt``: the compact matrix ``fused``'s
+    prompt dtype where it multiplies x's rows in it (bfloat16 on AMX CPUs, prompts longer than COMPACT_ROWS,
+    never under exact_weights()), else ``dt``. Running the whole sublayer in it — one cast in, attention in
+    bfloat16 too, one cast out — saves the casts around every matmul and halves attention's time; the
+    residual stream, RMSNorm, RoPE's arithmetic and the KV cache stay float32 (BENCHMARKS.md: its error)."""
+    if dt == torch.float32 and isinstance(fused, CompactLinear) and fused.prompt_dtype != dt \
+            and not fused.exact_only and fused._exact(x):
+        return fused.prompt_dtype
+    return dt
 
 
 class LlamaModel(nn.Module):
@@ -89,7 +105,7 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, *, cache: list[KVCache] | None = None,
                 attention_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-                last_only: bool = False, observer=None) -> torch.Tensor:
+                last_only: bool = False, observer=None, unembed: bool = True) -> torch.Tensor:
         """ids (B, T) -> logits (B, T, V) in float32 (or (B, 1, V) with ``last_only``).
 
         Args:
@@ -99,6 +115,8 @@ class LlamaForCausalLM(nn.Module):
                 count of real tokens) or continuing the cache.
             last_only: compute logits for the last position only (the decode loop needs nothing else).
             observer: an ``AttentionObserver`` (qkv.explain) that sees each layer's q, k and lse.
+            unembed: False returns the final norm's output (B, T, C) instead of logits — for an analysis that
+                reads no logits (the unembedding is the largest matrix; exact, it is dequantised per call).
         """
         b, t = self._check_ids(input_ids, cache)
         if t == 1 and cache and attention_mask is None and positions is None and observer is None:
@@ -128,6 +146,8 @@ class LlamaForCausalLM(nn.Module):
                       last_only=last_only and observer is None and i == len(layers) - 1)
         if last_only:
             x = x[:, -1:]
+        if not unembed:
+            return self.model.norm(x)
         return self.lm_head(self.model.norm(x).to(self.model.norm.weight.dtype)).float()  # (B, T, V)
 
     # -- one-token steps on the compact weights ------------------------------------------------------------

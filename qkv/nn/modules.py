@@ -174,6 +174,8 @@ class MultiHeadAttention(nn.Module):
         else:
             q = self._heads(x, self.q_proj, self.n_heads)  # (B, H, T, D)
             k, v = self._cross_kv(context, cache)
+        if k.dtype != q.dtype:  # a float32 cache under a bfloat16 prompt (sublayer_dtype): attend in q's dtype
+            k, v = k.to(q.dtype), v.to(q.dtype)
         if last_query and q.shape[2] > 1:
             q = q[:, :, -1:]  # (B, H, 1, D); causal masks align bottom-right, so it still sees every key
             if isinstance(mask, torch.Tensor) and mask.dim() >= 2 and mask.shape[-2] > 1:

@@ -156,9 +156,11 @@ def exact_weights(model: nn.Module):
 
 
 # Up to this many rows (short prompts, batched decode steps) a compact matrix multiplies through its int4/int8
-# kernel; longer prompts dequantise the exact weight once for the call. The crossover for SmolLM2 on 2 cores:
-# ~128 prompt tokens with AMX, ~70 with AVX2 kernels (a 16-token prompt: 57 ms against 230 ms).
+# kernel; longer prompts dequantise the exact weight once for the call. The crossover measured for SmolLM2 on
+# 2 cores: 64-96 prompt tokens for float32 prompts on AVX2 kernels, ~40 where prompts run in bfloat16 on AMX
+# (COMPACT_ROWS_BF16; qkv.weights.compact sets each matrix's small_m for the machine).
 COMPACT_ROWS = 64
+COMPACT_ROWS_BF16 = 40
 
 
 class CompactLinear(QuantizedLinear):

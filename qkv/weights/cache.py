@@ -6,6 +6,8 @@ of one model for one torch build and one CPU kernel selection:
 
     $QKV_CACHE_DIR | $XDG_CACHE_HOME/qkv | ~/.cache/qkv   /compact/<sha256 of the GGUF>-<key>.qkvc
 
+The GGUF's hash is remembered under ``sha256/`` by the file's identity (path, inode, size, modification and
+change times: :func:`known_sha256`), so a warm load does not read the whole file to find its cache.
 ``key`` names what changes the packed bytes: the format version, the torch version and ATen's CPU
 capability (the int4 layout differs between AVX2 and AVX-512 builds). A file is used only after it is
 validated: magic, version, a bounded JSON header that must name the same GGUF hash, torch version and
@@ -54,6 +56,32 @@ def file_sha256(path: Path) -> str:
         while chunk := f.read(1 << 22):
             h.update(chunk)
     return h.hexdigest()
+
+
+def known_sha256(path: Path) -> str:
+    """file_sha256(path), remembered in the cache folder under the file's identity — device, inode, size and
+    the modification and change times in nanoseconds (ctime cannot be set back by a program: any rewrite of
+    the file changes it) — so that a warm load does not read the whole file again (~0.1 s for a 100 MB
+    GGUF). The note is written atomically; an unreadable or malformed one is recomputed and rewritten."""
+    st = os.stat(path)
+    ident = f"{os.path.realpath(path)}\0{st.st_dev}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}"
+    note = cache_root() / "sha256" / hashlib.sha256(ident.encode()).hexdigest()[:40]
+    try:
+        known = note.read_text(encoding="ascii").strip()
+        if len(known) == 64 and all(c in "0123456789abcdef" for c in known):
+            return known
+    except (OSError, UnicodeDecodeError):
+        pass
+    sha = file_sha256(path)
+    try:
+        note.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=note.name + ".", suffix=".tmp", dir=note.parent)
+        with os.fdopen(fd, "w", encoding="ascii") as f:
+            f.write(sha)
+        os.replace(tmp, note)
+    except OSError:  # a read-only cache folder: hash again next time
+        pass
+    return sha
 
 
 def build_key() -> dict[str, str]:

@@ -8,7 +8,8 @@ values kept as they are, nothing dequantised to a resident float32 copy.
 * The embedding: rows dequantised from the mapped file when they are looked up (exact).
 * Norms stay float32 parameters.
 
-One-token decode steps and short prompts (up to ``COMPACT_ROWS`` = 64 tokens) run on the compact copies;
+One-token decode steps and short prompts (up to ``COMPACT_ROWS`` = 64 tokens, ``COMPACT_ROWS_BF16`` = 40 where
+prompts run in bfloat16) run on the compact copies;
 longer prompts and every exact analysis (``qkv.nn.quant.exact_weights``) multiply by the exact float32 weights, dequantised from the mapped
 file for the call. The re-packed tensors are cached on disk (``qkv.weights.cache``) and mapped on later
 loads. The GGUF file stays open (mapped, read-only) for the model's lifetime.
@@ -22,7 +23,7 @@ import warnings
 import torch
 
 from ..errors import ConfigError
-from ..nn.quant import CompactEmbedding, CompactLinear, pack_int4
+from ..nn.quant import COMPACT_ROWS, COMPACT_ROWS_BF16, CompactEmbedding, CompactLinear, pack_int4
 from . import cache as disk
 from .convert import gguf_to_rotate_half
 from .int4 import INT4_TYPES, TORCH_DEQUANT, dequantize_into, dequantize_rows, int4_codes
@@ -129,7 +130,7 @@ def build(model, f, cfg, hf_to_gguf: dict[str, str], *, use_cache: bool = True) 
     tensors = None
     path = None
     if use_cache:
-        sha = disk.file_sha256(f.path)
+        sha = disk.known_sha256(f.path)
         path = disk.cache_path(sha, LAYOUT)
         meta = {"gguf_sha256": sha, "layout": LAYOUT}
         try:
@@ -167,6 +168,7 @@ def build(model, f, cfg, hf_to_gguf: dict[str, str], *, use_cache: bool = True) 
         else:
             mod = CompactLinear.from_int8(tensors[f"{p}.w8"], tensors[f"{p}.scales8"], exact)
         mod.prompt_dtype = prompt
+        mod.small_m = COMPACT_ROWS_BF16 if prompt == torch.bfloat16 else COMPACT_ROWS
         _place(model, p, mod)
     emb = _Part(f, hf_to_gguf["model.embed_tokens.weight"], None)
     model.model.embed_tokens = CompactEmbedding(emb.shape[0], emb.shape[1], _rows_fn(emb), emb.exact)

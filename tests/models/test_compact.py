@@ -78,6 +78,24 @@ def test_capture_on_the_compact_model_is_the_exact_models(compact, smollm2):
     assert all("weight" not in m._parameters for m in compact.model.modules() if isinstance(m, CompactLinear))
 
 
+def test_capture_reads_no_logits_and_the_forward_can_stop_before_them(compact):
+    """capture's forward stops at the final norm (the measures unembed their own row): the exact unembedding,
+    a dequantisation of the whole 49152 x 576 table, is never run; ``unembed=False`` is the norm's output that
+    the logits are made from."""
+    calls = []
+    hook = compact.model.lm_head.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        qkv.capture(compact, "He sat on the river's bank", measures=("weights", "norms"))
+        assert calls == []
+        ids = torch.tensor([compact.tokenizer.encode("He sat on the river's bank")])
+        with torch.inference_mode(), exact_weights(compact.model):
+            h = compact.model(ids, unembed=False)
+            assert h.shape == (1, ids.shape[1], 576)
+            torch.testing.assert_close(compact.model.lm_head(h), compact.model(ids), rtol=0, atol=0)
+    finally:
+        hook.remove()
+
+
 def _generation_record(loaded, prompt, n):
     record, tokens = None, []
     for piece, rec in qkv.capture_generation(loaded, prompt, temperature=0, max_new_tokens=n):
@@ -152,6 +170,48 @@ def test_decode_perplexity_is_within_one_percent(compact, smollm2):
     assert abs(ppl / ppl_ref - 1) < 0.01
 
 
+def test_a_bfloat16_prompt_runs_whole_sublayers_in_bfloat16(monkeypatch, smollm2):
+    """The AMX prompt path (forced here on any CPU): a prompt longer than small_m rows runs attention and the
+    MLP in bfloat16 end to end — the attention core sees bfloat16 q, k, v — while the residual stream and the
+    KV cache stay float32; short prompts and exact analyses do not. Its logits against the float32 model:
+    mean KL below 3e-3 (bench/llm.py measures ~8e-4 at 512 tokens) and perplexity within 1 %; a prompt
+    split across the cache gives the one-piece prompt's last logits to bfloat16 rounding."""
+    from qkv.models.llama import sublayer_dtype
+    from qkv.nn import modules
+
+    m = qkv.load("smollm2", dtype="auto", device="cpu")
+    for mod in m.model.modules():
+        if isinstance(mod, CompactLinear):
+            mod.prompt_dtype = torch.bfloat16
+    fused = m.model.model.layers[0].self_attn.qkv_proj
+    long, short = torch.zeros(1, fused.small_m + 1, 576), torch.zeros(1, fused.small_m, 576)
+    assert sublayer_dtype(fused, long, torch.float32) == torch.bfloat16
+    assert sublayer_dtype(fused, short, torch.float32) == torch.float32
+    with exact_weights(m.model):
+        assert sublayer_dtype(fused, long, torch.float32) == torch.float32
+    seen = []
+    core = modules.attention
+    monkeypatch.setattr(modules, "attention", lambda q, k, v, **kw: seen.append((q.dtype, k.dtype)) or core(q, k, v, **kw))
+    ids = m.tokenizer.encode(fixed_text())[:200]
+    seq = torch.tensor([ids])
+    with torch.inference_mode():
+        got = m.model(seq)[0, :-1]
+        assert set(seen) == {(torch.bfloat16, torch.bfloat16)} and len(seen) == 30
+        ref = smollm2.model(seq)[0, :-1]
+        cache = m.model.make_cache(1, len(ids))
+        m.model(seq[:, :120], cache=cache)
+        split = m.model(seq[:, 120:], cache=cache)[0, -1]
+    assert cache[0].k.dtype == torch.float32 and cache[0].offset == len(ids)
+    lp, lq = torch.log_softmax(ref.double(), -1), torch.log_softmax(got.double(), -1)
+    kl = float((lp.exp() * (lp - lq)).sum(-1).mean())
+    nll = lambda lg: torch.nn.functional.cross_entropy(lg.double(), seq[0, 1:])  # noqa: E731
+    ppl_ref, ppl = float(nll(ref).exp()), float(nll(got).exp())
+    print(f"bfloat16 prompt of {len(ids)} tokens: mean KL {kl:.2e}, perplexity {ppl:.4f} vs {ppl_ref:.4f}")
+    assert kl < 3e-3 and abs(ppl / ppl_ref - 1) < 0.01
+    whole = m.model(seq)[0, -1]
+    assert float((split - whole).abs().max()) < 0.05 * float(whole.abs().max())
+
+
 # -- the disk cache --------------------------------------------------------------------------------------
 
 
@@ -210,6 +270,31 @@ def test_a_damaged_or_stale_cache_is_rebuilt_never_used(cache_dir, compact, dama
     assert again.info["compact_cache"].startswith("rebuilt"), again.info["compact_cache"]
     assert torch.equal(_next_logits(again), _next_logits(compact))
     assert qkv.load("smollm2").info["compact_cache"].startswith("hit")  # the rebuilt file is whole
+
+
+def test_the_gguf_hash_is_remembered_until_the_file_changes(cache_dir, tmp_path, monkeypatch):
+    """A warm load finds its cache without hashing the GGUF again; a rewritten file (same size, even with its
+    modification time set back) is hashed anew; a damaged note is recomputed, never trusted."""
+    import hashlib
+
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"GGUF" + bytes(range(256)) * 64)
+    want = hashlib.sha256(f.read_bytes()).hexdigest()
+    assert disk.known_sha256(f) == want
+    real = disk.file_sha256
+    monkeypatch.setattr(disk, "file_sha256", lambda p: pytest.fail("hashed again"))
+    assert disk.known_sha256(f) == want
+    st = f.stat()
+    f.write_bytes(b"GGUF" + bytes(range(255, -1, -1)) * 64)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    monkeypatch.setattr(disk, "file_sha256", real)
+    assert disk.known_sha256(f) == hashlib.sha256(f.read_bytes()).hexdigest() != want
+    notes = list((cache_dir / "sha256").iterdir())  # one per identity the file had
+    assert len(notes) == 2
+    for note in notes:
+        note.write_text("not a hash")
+    assert disk.known_sha256(f) == hashlib.sha256(f.read_bytes()).hexdigest()
+    assert sorted(len(n.read_text()) for n in notes) == [10, 64]
 
 
 def test_reader_refuses_what_it_cannot_trust(tmp_path):
