@@ -57,7 +57,7 @@ class LlamaDecoderLayer(nn.Module):
 
 def sublayer_dtype(fused: nn.Module | None, x: torch.Tensor, dt: torch.dtype) -> torch.dtype:
     """The dtype a sublayer runs in on input ``x`` when its weights are ``dt``: the compact matrix ``fused``'s
-    prompt dtype where it multiplies x's rows in it (bfloat16 on AMX CPUs, prompts longer than COMPACT_ROWS,
+    prompt dtype where it multiplies x's rows in it (bfloat16 on AMX CPUs, for more rows than its ``small_m``,
     never under exact_weights()), else ``dt``. Running the whole sublayer in it — one cast in, attention in
     bfloat16 too, one cast out — saves the casts around every matmul and halves attention's time; the
     residual stream, RMSNorm, RoPE's arithmetic and the KV cache stay float32 (BENCHMARKS.md: its error)."""
