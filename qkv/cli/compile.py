@@ -23,11 +23,18 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import InputError
     from ..models import compiled
 
+    off = compiled.mode() == "0"  # a mistyped QKV_COMPILE is refused before a minute of compiling
+    if args.name and args.model not in ("smollm2", args.name):
+        raise InputError(f"two models named: {args.name!r} and --model {args.model!r}; give one")
     if args.name:
         args.model = args.name
     if args.steps < 0:
         raise InputError(f"--steps must be >= 0, got {args.steps}")
     model = load_model(args).model
+    context = model.config.max_position_embeddings
+    if args.steps + 4 > context:
+        raise InputError(f"--steps {args.steps} does not fit {args.model}'s context of {context} positions; "
+                         f"give at most {context - 4}")
     d = compiled.build(model, force=args.force)
     if args.steps:
         d["step_ms"] = compiled.step_times(model, args.steps)
@@ -40,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
           "of their size")
     if d["dequantizers"]:
         print("compiled dequantisers for prompts (checked bitwise against the eager ones): " + ", ".join(
-            f"{name} {'in use' if ok else 'NOT used'}" for name, ok in d["dequantizers"].items()))
+            f"{name} {'in use' if ok else 'off (QKV_COMPILE=0)' if off else 'NOT used'}" for name, ok in d["dequantizers"].items()))
     if args.steps:
         ms = d["step_ms"]
         print(f"one decode step (median of {args.steps}): compiled {ms['compiled']:.1f} ms "

@@ -52,9 +52,13 @@ def build_parser(only: str | None = "*") -> argparse.ArgumentParser:
     return parser
 
 
+def _command(argv: list[str]) -> str | None:
+    return next((a for a in argv if not a.startswith("-")), None)  # options before it are qkv's own
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    command = next((a for a in argv if not a.startswith("-")), None)  # options before it are qkv's own
+    command = _command(argv)
     parser = build_parser(command if command in SUBCOMMANDS else None)
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
@@ -91,9 +95,12 @@ def entry() -> None:
     before run() returns. ``QKV_CLEAN_EXIT=1`` keeps the ordinary shutdown; so does every other command
     (train, compile, serve, export: their workers, servers and files finish the usual way)."""
     argv = sys.argv[1:]
+    clean = os.environ.get("QKV_CLEAN_EXIT", "0")
+    if clean not in ("0", "1"):
+        print(f"qkv: error: QKV_CLEAN_EXIT={clean!r} is not 0 or 1; fix: set one of those or unset it", file=sys.stderr)
+        sys.exit(2)
     code = main(argv)
-    command = next((a for a in argv if not a.startswith("-")), None)
-    if command not in QUICK_EXIT or os.environ.get("QKV_CLEAN_EXIT") == "1":
+    if _command(argv) not in QUICK_EXIT or clean == "1":
         sys.exit(code)
     import logging
 

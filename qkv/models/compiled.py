@@ -43,6 +43,7 @@ from torch import nn
 
 from ..errors import ConfigError, one_line
 from ..weights.cache import cache_root
+from ..weights.int4 import INT4_TYPES
 from ..nn.mlp import glu
 from ..nn.quant import small_matmul
 from .llama import appending, decode_layers
@@ -348,7 +349,6 @@ class DequantGraph(nn.Module):
         out.view(-1, 2, 16).copy_(res)
 
 
-DEQUANT_TYPES = {"Q4_0": 18, "Q4_1": 20}
 _DEQUANT: dict = {}  # (type, dtype, cache root) -> loaded runner, or None (none cached, disagreed, or QKV_COMPILE=0)
 
 
@@ -364,14 +364,14 @@ def compile_dequant(ggml_type: str, dtype: torch.dtype) -> float:
     _export_and_compile(DequantGraph(ggml_type), (blocks, blocks.view(torch.float16), out),
                         {"blocks": {0: n}, "halves": {0: n}, "out": {0: n}},
                         dequant_path(ggml_type, dtype))
-    _DEQUANT.pop((ggml_type, dtype, cache_root()), None)
+    _DEQUANT.pop((ggml_type, dtype, _root()), None)
     return time.perf_counter() - t0
 
 
 def _dequant_example(ggml_type: str, n: int, dtype: torch.dtype, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    blocks = torch.randint(0, 256, (n, DEQUANT_TYPES[ggml_type]), dtype=torch.uint8, generator=g)
-    factors = torch.randn(n, (DEQUANT_TYPES[ggml_type] - 16) // 2, generator=g).half()  # d (and m)
+    blocks = torch.randint(0, 256, (n, INT4_TYPES[ggml_type]), dtype=torch.uint8, generator=g)
+    factors = torch.randn(n, (INT4_TYPES[ggml_type] - 16) // 2, generator=g).half()  # d (and m)
     blocks[:, :factors.shape[1] * 2] = factors.view(torch.uint8).view(n, -1)
     return blocks, torch.empty(n, 32, dtype=dtype)
 
@@ -393,7 +393,7 @@ def dequantizer(ggml_type: str, dtype: torch.dtype):
 
     def fast(blocks: torch.Tensor, out: torch.Tensor) -> bool:
         if not (blocks.is_contiguous() and out.is_contiguous() and blocks.dtype == torch.uint8
-                and blocks.shape[0] == out.shape[0] >= 2 and blocks.shape[1] == DEQUANT_TYPES[ggml_type]
+                and blocks.shape[0] == out.shape[0] >= 2 and blocks.shape[1] == INT4_TYPES[ggml_type]
                 and out.shape[1] == 32 and out.dtype == dtype):
             return False
         runner.run([blocks, blocks.view(torch.float16), out])
@@ -451,7 +451,7 @@ def build(model, *, force: bool = False) -> dict:
     seconds, built = 0.0, False
     if force or not path.exists():
         seconds, built = seconds + _compiling("the decode step", compile_package, model, path), True
-    wanted = [(t, d) for t in getattr(model, "compact_block_types", DEQUANT_TYPES) if t in DEQUANT_TYPES
+    wanted = [(t, d) for t in getattr(model, "compact_block_types", INT4_TYPES) if t in INT4_TYPES
               for d in dict.fromkeys((torch.float32, _prompt_dtype()))]  # exact analyses', and prompts' dtype
     for ggml_type, dtype in wanted:
         if force or not dequant_path(ggml_type, dtype).exists():
@@ -469,6 +469,9 @@ def build(model, *, force: bool = False) -> dict:
 def _compiling(what: str, fn, *args) -> float:
     try:
         return fn(*args)
+    except OSError as e:  # the cache folder, not the compiler
+        raise ConfigError(f"could not write {what} ({one_line(f'{e.strerror or e}: {e.filename or cache_root()}', 240)}); "
+                          "fix: make the cache folder writable or set QKV_CACHE_DIR to one that is") from None
     except Exception as e:  # noqa: BLE001 — inductor's errors carry a compiler's whole output
         raise ConfigError(f"could not compile {what} ({one_line(f'{type(e).__name__}: {e}', 240)}); fix: install a "
                           "C++ compiler (g++) or report it; generation runs the eager step") from None

@@ -184,14 +184,13 @@ def _chunk_after_cache(q, k, v, scale):
     merged through their log-sum-exps. The same softmax to float rounding as one masked call, which cannot
     skip the hidden half of the chunk's square and is ~1.4x slower at 2,048 queries over 8k keys."""
     t, s = q.shape[2], k.shape[2]
-    if q.shape[1] != k.shape[1]:  # the CPU flash kernel takes equal head counts
-        k, v = k.repeat_interleave(q.shape[1] // k.shape[1], 1), v.repeat_interleave(q.shape[1] // k.shape[1], 1)
+    k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])  # the CPU flash kernel takes equal head counts
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     o1, l1 = flash(q, k[:, :, :s - t], v[:, :, :s - t], scale=scale)[:2]  # (B, H, T, D), (B, H, T)
     o2, l2 = flash(q, k[:, :, s - t:], v[:, :, s - t:], is_causal=True, scale=scale)[:2]
     m = torch.maximum(l1, l2)
     w1, w2 = (l1 - m).exp_().unsqueeze(-1), (l2 - m).exp_().unsqueeze(-1)
-    return (o1 * w1).add_(o2 * w2).div_(w1 + w2)
+    return (o1 * w1).add_(o2 * w2).div_(w1 + w2).to(q.dtype)  # the log-sum-exps are float32
 
 
 def tiled_attention(

@@ -28,6 +28,7 @@ import mmap
 import os
 import struct
 import tempfile
+import time
 import zlib
 from pathlib import Path
 
@@ -58,11 +59,17 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+RACY_SECONDS = 2.0  # a file changed this recently may change again within its timestamps' resolution
+
+
 def known_sha256(path: Path) -> str:
     """file_sha256(path), remembered in the cache folder under the file's identity — device, inode, size and
     the modification and change times in nanoseconds (ctime cannot be set back by a program: any rewrite of
     the file changes it) — so that a warm load does not read the whole file again (~0.1 s for a 100 MB
-    GGUF). The note is written atomically; an unreadable or malformed one is recomputed and rewritten."""
+    GGUF). As git does with its index, nothing is remembered for a file changed less than RACY_SECONDS
+    before the hash was taken: file systems stamp times from a coarse clock (a few ms; FAT 2 s), and a
+    same-size rewrite within one tick would keep the identity. The note is written atomically; an
+    unreadable or malformed one is recomputed and rewritten."""
     st = os.stat(path)
     ident = f"{os.path.realpath(path)}\0{st.st_dev}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}"
     note = cache_root() / "sha256" / hashlib.sha256(ident.encode()).hexdigest()[:40]
@@ -73,6 +80,8 @@ def known_sha256(path: Path) -> str:
     except (OSError, UnicodeDecodeError):
         pass
     sha = file_sha256(path)
+    if time.time() - max(st.st_mtime, st.st_ctime) < RACY_SECONDS:
+        return sha
     try:
         note.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=note.name + ".", suffix=".tmp", dir=note.parent)

@@ -37,6 +37,9 @@ def test_errors_keep_their_code_and_one_line():
     r = _qkv("explain", "   ")
     assert r.returncode == 2 and "TEARDOWN" not in r.stderr
     assert r.stderr.startswith("qkv: error:") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = _qkv("tokenize", "Hi", env={"QKV_CLEAN_EXIT": "yes"})  # a value that is not 0 or 1 is refused
+    assert r.returncode == 2 and "QKV_CLEAN_EXIT='yes'" in r.stderr and r.stdout == ""
+    assert len(r.stderr.replace("TEARDOWN", "").strip().splitlines()) == 1, r.stderr
 
 
 def test_other_commands_shut_down_as_usual():

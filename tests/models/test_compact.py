@@ -273,13 +273,18 @@ def test_a_damaged_or_stale_cache_is_rebuilt_never_used(cache_dir, compact, dama
 
 
 def test_the_gguf_hash_is_remembered_until_the_file_changes(cache_dir, tmp_path, monkeypatch):
-    """A warm load finds its cache without hashing the GGUF again; a rewritten file (same size, even with its
-    modification time set back) is hashed anew; a damaged note is recomputed, never trusted."""
+    """A warm load finds its cache without hashing the GGUF again; a file changed moments ago is not
+    remembered (its timestamps could repeat); a rewritten file (same size, even with its modification time
+    set back) is hashed anew; a damaged note is recomputed, never trusted."""
     import hashlib
+    import time
 
     f = tmp_path / "m.gguf"
     f.write_bytes(b"GGUF" + bytes(range(256)) * 64)
     want = hashlib.sha256(f.read_bytes()).hexdigest()
+    assert disk.known_sha256(f) == want and not (cache_dir / "sha256").exists()  # just written: too recent
+    monkeypatch.setattr(disk, "RACY_SECONDS", 0.1)  # a short window, waited out below (coarse clocks: ~4 ms)
+    time.sleep(0.15)
     assert disk.known_sha256(f) == want
     real = disk.file_sha256
     monkeypatch.setattr(disk, "file_sha256", lambda p: pytest.fail("hashed again"))
@@ -288,6 +293,7 @@ def test_the_gguf_hash_is_remembered_until_the_file_changes(cache_dir, tmp_path,
     f.write_bytes(b"GGUF" + bytes(range(255, -1, -1)) * 64)
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
     monkeypatch.setattr(disk, "file_sha256", real)
+    time.sleep(0.15)
     assert disk.known_sha256(f) == hashlib.sha256(f.read_bytes()).hexdigest() != want
     notes = list((cache_dir / "sha256").iterdir())  # one per identity the file had
     assert len(notes) == 2

@@ -144,7 +144,10 @@ def test_the_step_is_not_used_where_it_does_not_apply(use, q4):
         ("int8", 0, (weights[-1][1][2][0][:, :-1], weights[-1][1][2][1]))]]) is None  # another weight shape
     exact = qkv.load(q4, dtype="float32").model
     assert exact.decode_weights(1) is None
-    assert list(generate_ids(exact, [5, 17], SamplingOptions(temperature=0), max_new_tokens=3))
+    from tests.generate.test_loop import full_forward_greedy
+
+    got = list(generate_ids(exact, [5, 17], SamplingOptions(temperature=0), max_new_tokens=3))
+    assert got == full_forward_greedy(exact, [5, 17], 3)  # the eager path, token for token
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
@@ -244,10 +247,23 @@ def test_compile_cli_reports_and_refuses_what_it_cannot_compile(use, q4, capsys,
     assert main(["compile", "--model", str(q4), "--force", "--steps", "0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("qkv: error: could not compile") and "g++" in err and err.count("\n") == 1
+
+    def unwritable(*a, **k):
+        raise PermissionError(13, "Permission denied", "/ro/decode")
+    monkeypatch.setattr(compiled, "compile_package", unwritable)
+    assert main(["compile", "--model", str(q4), "--force", "--steps", "0"]) == 2
+    err = capsys.readouterr().err  # the folder named, not the compiler blamed
+    assert "could not write" in err and "/ro/decode" in err and "g++" not in err and err.count("\n") == 1
+    for argv in (["--steps", "100000"], ["other.gguf"]):  # more steps than the context; two models named
+        assert main(["compile", "--model", str(q4), *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("qkv: error:") and err.count("\n") == 1
     monkeypatch.setenv("QKV_COMPILE", "yes")
     assert main(["generate", "--model", str(q4), "hello", "-n", "3", "-t", "0"]) == 2
     err = capsys.readouterr().err
     assert "QKV_COMPILE='yes'" in err and err.count("\n") == 1
+    assert main(["compile", "--model", str(q4), "--steps", "0"]) == 2  # refused before anything is compiled
+    assert "QKV_COMPILE='yes'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("ggml_type", ["Q4_0", "Q4_1"])

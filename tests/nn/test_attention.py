@@ -291,3 +291,6 @@ def test_a_chunk_after_its_cache_matches_the_float64_softmax(t, s, heads):
     visible = torch.ones(t, s, dtype=torch.bool).tril(s - t)
     ref = scores.masked_fill(~visible, float("-inf")).softmax(-1) @ vv
     torch.testing.assert_close(got.double(), ref, rtol=0, atol=2e-6)
+    low = attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=True)  # a bfloat16 model's chunked prefill
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.double(), ref, rtol=0, atol=0.05)
