@@ -252,12 +252,15 @@ def long_prompt(n: int = 8000, new_tokens: int = 16) -> dict:
 
 
 def compile_step() -> dict:
-    """``qkv compile``'s build of the decode step (export + AOTInductor), timed, into the benchmark's cache."""
+    """``qkv compile``'s builds, timed, into the benchmark's cache: the decode step (export + AOTInductor) and the
+    native dequantiser of prompts (g++)."""
     import qkv
     from qkv.models import compiled
+    from qkv.weights import native
 
     d = compiled.build(qkv.load("smollm2").model, force=True)
-    return {"compile_s": d["compile_seconds"], "package_mb": d["bytes"] / 2**20, "self_check": d["self_check"]}
+    return {"compile_s": d["compile_seconds"], "native_s": native.build(force=True), "package_mb": d["bytes"] / 2**20,
+            "self_check": d["self_check"]}
 
 
 def accuracy(n_ppl: int = 2048) -> dict:
@@ -322,6 +325,10 @@ def worker(engine: str, threads: int, new_tokens: int, reps: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
+    march = os.environ.get("BENCH_NATIVE_MARCH")  # the AVX2 stand-in: the native dequantiser built for that CPU
+    if march:
+        from qkv.weights import native
+        native.FLAGS = tuple(f"-march={march}" if f == "-march=native" else f for f in native.FLAGS)
     if engine == "first-load":
         res = first_load()
     elif engine == "accuracy":
@@ -413,8 +420,9 @@ def main() -> None:
     if "skipped" in built:
         print(f"compiled decode step: not built ({built['skipped']}); qkv-auto ran the eager step")
     else:
-        print(f"`qkv compile` (the decode step: torch.export + AOTInductor, and the prompts' dequantisers; once per "
-              f"model shape, torch build and CPU): {built['compile_s']:.1f} s, {built['package_mb']:.1f} MiB package; its self-check against the "
+        print(f"`qkv compile` (once per model shape, torch build and CPU): the decode step (torch.export + AOTInductor) "
+              f"{built['compile_s']:.1f} s, {built['package_mb']:.1f} MiB package, and the prompts' native dequantiser (g++) "
+              f"{built['native_s']:.1f} s; the step's self-check against the "
               f"eager step: largest difference {built['self_check']:.2g} of the logits' and cache writes' size")
     paired = [e for e in args.engines if e in PAIRED]
     if args.paired_reps > 0 and "transformers" in paired and len(paired) > 1:

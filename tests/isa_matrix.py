@@ -35,6 +35,7 @@ SENSITIVE = [
     "tests/generate/test_fast_decode.py",
     "tests/models/test_compact.py",  # the int4 pack layout and the cache key differ per ATen capability
     "tests/models/test_compiled.py",  # a compiled step is built and keyed for the ATen capability
+    "tests/weights/test_native.py",  # bitwise against torch's own casts and arithmetic, whichever kernels run them
 ]
 
 

@@ -1,6 +1,8 @@
-"""``qkv compile`` — build the compiled decode step of a model for this machine (AOTInductor, cached).
+"""``qkv compile`` — build, for this machine, the compiled decode step of a model (AOTInductor) and the native
+dequantiser its prompts and exact analyses use (C++); both cached.
 
-Generation uses a cached package from then on (``QKV_COMPILE=auto``, the default); see qkv.models.compiled.
+Generation uses them from then on (``QKV_COMPILE=auto``, the default); see qkv.models.compiled and
+qkv.weights.native.
 """
 
 from __future__ import annotations
@@ -20,10 +22,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from ..errors import InputError
     from ..models import compiled
+    from ..weights import native
+    from ..weights.cache import compile_mode
+    from ..weights.compact import prompt_dtype
 
-    off = compiled.mode() == "0"  # a mistyped QKV_COMPILE is refused before a minute of compiling
+    off = compile_mode() == "0"  # a mistyped QKV_COMPILE is refused before a minute of compiling
     if args.name and args.model not in ("smollm2", args.name):
         raise InputError(f"two models named: {args.name!r} and --model {args.model!r}; give one")
     if args.name:
@@ -36,6 +43,12 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--steps {args.steps} does not fit {args.model}'s context of {context} positions; "
                          f"give at most {context - 4}")
     d = compiled.build(model, force=args.force)
+    native_seconds = compiled.compiling("the native dequantiser", lambda: native.build(force=args.force))
+    found = native.library_path()
+    d["dequantizer"] = {"path": str(found) if found else None, "built": native_seconds is not None,
+                        "compile_seconds": native_seconds}
+    d["dequantizers"] = native.status(getattr(model, "compact_block_types", ()),
+                                      dict.fromkeys((torch.float32, prompt_dtype())))  # exact analyses', prompts'
     if args.steps:
         d["step_ms"] = compiled.step_times(model, args.steps)
     if args.format == "json":
@@ -45,8 +58,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"compiled decode step: {d['path']} ({d['bytes'] / 1e6:.1f} MB, {how})")
     print(f"check against the eager step (logits and cache writes): largest difference {d['self_check']:.3g} "
           "of their size")
+    how = f"built in {native_seconds:.1f} s" if native_seconds is not None else "cached"
+    print(f"native dequantiser: {d['dequantizer']['path']} ({how})")
     if d["dequantizers"]:
-        print("compiled dequantisers for prompts (checked bitwise against the eager ones): " + ", ".join(
+        print("  for prompts and exact analyses (checked bitwise against the eager one): " + ", ".join(
             f"{name} {'in use' if ok else 'off (QKV_COMPILE=0)' if off else 'NOT used'}" for name, ok in d["dequantizers"].items()))
     if args.steps:
         ms = d["step_ms"]

@@ -18,7 +18,7 @@ dimensions and the kinds, shapes and dtypes of its weights. A package is written
 renamed into place; before a process uses one it runs one step on a small synthetic cache through both the
 library and the eager step and compares the logits and the cache writes. A package that does not load is
 deleted; one that disagrees is not used; one that fails during generation hands over to the eager step —
-it is always there and always correct. The same holds for the prompts' compiled dequantisers (bitwise).
+it is always there and always correct. (A prompt's weights are dequantised by qkv.weights.native.)
 
 ``QKV_COMPILE``: ``auto`` (default) uses a cached package and never builds one; ``1`` builds one when missing
 (about a minute on 2 cores for SmolLM2); ``0`` always runs the eager step.
@@ -42,25 +42,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, one_line
-from ..weights.cache import cache_root
-from ..weights.int4 import INT4_TYPES
+from ..weights.cache import cache_root, compile_mode, cpu_flags
 from ..nn.mlp import glu
 from ..nn.quant import small_matmul
 from .llama import appending, decode_layers
 
 FORMAT = 1
-MODES = ("auto", "1", "0")
 # The check's largest difference, relative to the largest eager logit (or cached value): both paths send their
 # activations through bfloat16, so a rounding that flips upstream moves a result by an ulp or two (2^-7).
 TOLERANCE = 0.02
 _LOCK = threading.Lock()  # one lookup (and build) per model object, whatever the threads
-
-
-def mode() -> str:
-    choice = os.environ.get("QKV_COMPILE", "auto")
-    if choice not in MODES:
-        raise ConfigError(f"QKV_COMPILE={choice!r} is not auto, 1 or 0; fix: set one of those or unset it")
-    return choice
 
 
 class DecodeGraph(nn.Module):
@@ -116,22 +107,11 @@ def unflatten(spec: list, tensors: list) -> list:
     return out
 
 
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return " ".join(sorted(line.split(":", 1)[1].split()))
-    except OSError:
-        pass
-    import platform
-    return platform.machine() + " " + platform.processor()
-
-
 def _package(prefix: str, code: tuple, **what) -> Path:
     """``<cache>/decode/<prefix><digest>.pt2`` for ``what`` compiled from ``code`` by this torch for this CPU."""
     key = {"format": FORMAT, "torch": [torch.__version__, torch.version.git_version],
            "capability": torch.backends.cpu.get_cpu_capability(),
-           "cpu": hashlib.sha256(_cpu_flags().encode()).hexdigest()[:16],
+           "cpu": hashlib.sha256(cpu_flags().encode()).hexdigest()[:16],
            "code": hashlib.sha256("".join(inspect.getsource(f) for f in code).encode()).hexdigest(), **what}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:40]
     return cache_root() / "decode" / f"{prefix}{digest}.pt2"
@@ -195,9 +175,9 @@ def step_for(model) -> CompiledStep | None:
             found = model.__dict__.get("_compiled_step", False)
             if found is False:
                 found = None
-                if mode() != "0":
+                if compile_mode() != "0":
                     try:
-                        found, _ = load(model, build=mode() == "1")
+                        found, _ = load(model, build=compile_mode() == "1")
                     except Exception as e:  # noqa: BLE001 — any failure means: run the eager step
                         print(f"qkv: compiled decode step unavailable ({one_line(f'{type(e).__name__}: {e}', 200)}); "
                               "running the eager step", file=sys.stderr)
@@ -269,8 +249,6 @@ def _export_and_compile(module: nn.Module, args: tuple, shapes: dict, path: Path
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            # the dequantiser reads float16 factors and writes bfloat16: inductor's notice, nothing to act on
-            warnings.filterwarnings("ignore", message="bf16 and fp16 are mixed")
             aoti_compile_and_package(program, package_path=tmp)
         os.replace(tmp, path)
     finally:
@@ -327,120 +305,9 @@ def self_check(model, step: CompiledStep) -> float:
     return max(errs)
 
 
-# -- compiled dequantisers: a prompt's weights from the file's 4-bit blocks in one pass ---------------------
-
-
-class DequantGraph(nn.Module):
-    """(n, block bytes) uint8 Q4_0/Q4_1 blocks, the same bytes viewed as float16 halves -> ``out`` (n, 32)
-    float32 or bfloat16, written in place: the operations of ``qkv.weights.int4.dequantize_into`` in its
-    order (``(q - 8) · d``, ``q · d + m``) as one fused loop — the nibbles taken by a broadcast shift, the
-    factors read as halves — instead of passes through temporaries (a check holds the two bitwise equal)."""
-
-    def __init__(self, ggml_type: str):
-        super().__init__()
-        self.head = 4 if ggml_type == "Q4_1" else 2
-        self.register_buffer("shift", torch.tensor([0, 4], dtype=torch.uint8).view(1, 2, 1))
-
-    def forward(self, blocks, halves, out):
-        qs = blocks[:, self.head:].unsqueeze(1)  # (n, 1, 16)
-        q = ((qs >> self.shift) & 0x0F).float()  # (n, 2, 16): weights 0..15 in the low nibbles, 16..31 high
-        d = halves[:, 0:1].unsqueeze(-1).float()  # (n, 1, 1)
-        res = (q - 8) * d if self.head == 2 else q * d + halves[:, 1:2].unsqueeze(-1).float()
-        out.view(-1, 2, 16).copy_(res)
-
-
-_DEQUANT: dict = {}  # (type, dtype, cache root) -> loaded runner, or None (none cached, disagreed, or QKV_COMPILE=0)
-
-
-def dequant_path(ggml_type: str, dtype: torch.dtype) -> Path:
-    return _package("dequant-", (DequantGraph,), type=ggml_type, dtype=str(dtype))
-
-
-def compile_dequant(ggml_type: str, dtype: torch.dtype) -> float:
-    """Build the dequantiser package of one block type and output dtype; the seconds it took."""
-    t0 = time.perf_counter()
-    blocks, out = _dequant_example(ggml_type, 64, dtype)
-    n = torch.export.Dim("blocks", min=2, max=1 << 28)
-    _export_and_compile(DequantGraph(ggml_type), (blocks, blocks.view(torch.float16), out),
-                        {"blocks": {0: n}, "halves": {0: n}, "out": {0: n}},
-                        dequant_path(ggml_type, dtype))
-    _DEQUANT.pop((ggml_type, dtype, _root()), None)
-    return time.perf_counter() - t0
-
-
-def _dequant_example(ggml_type: str, n: int, dtype: torch.dtype, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    blocks = torch.randint(0, 256, (n, INT4_TYPES[ggml_type]), dtype=torch.uint8, generator=g)
-    factors = torch.randn(n, (INT4_TYPES[ggml_type] - 16) // 2, generator=g).half()  # d (and m)
-    blocks[:, :factors.shape[1] * 2] = factors.view(torch.uint8).view(n, -1)
-    return blocks, torch.empty(n, 32, dtype=dtype)
-
-
-def dequantizer(ggml_type: str, dtype: torch.dtype):
-    """``fast(blocks, out) -> bool``: the compiled dequantiser of this block type into ``dtype`` if one is cached
-    (``qkv compile``) and gives bitwise the eager dequantiser's numbers on a check, else None. ``fast`` returns
-    False (and writes nothing) for inputs it was not built for: non-contiguous blocks or output."""
-    if mode() == "0":
-        return None
-    key = (ggml_type, dtype, _root())
-    if key not in _DEQUANT:
-        with _LOCK:
-            if key not in _DEQUANT:
-                _DEQUANT[key] = _load_dequant(ggml_type, dtype)
-    runner = _DEQUANT[key]
-    if runner is None:
-        return None
-
-    def fast(blocks: torch.Tensor, out: torch.Tensor) -> bool:
-        if not (blocks.is_contiguous() and out.is_contiguous() and blocks.dtype == torch.uint8
-                and blocks.shape[0] == out.shape[0] >= 2 and blocks.shape[1] == INT4_TYPES[ggml_type]
-                and out.shape[1] == 32 and out.dtype == dtype):
-            return False
-        runner.run([blocks, blocks.view(torch.float16), out])
-        return True
-    return fast
-
-
-_ROOTS: dict = {}
-
-
-def _root() -> Path:
-    """cache_root(), remembered per value of the variables it reads (a prompt asks once per matrix part)."""
-    env = (os.environ.get("QKV_CACHE_DIR"), os.environ.get("XDG_CACHE_HOME"), os.environ.get("HOME"))
-    root = _ROOTS.get(env)
-    if root is None:
-        root = _ROOTS[env] = cache_root()
-    return root
-
-
-def _load_dequant(ggml_type: str, dtype: torch.dtype):
-    from ..weights.int4 import dequantize_into
-
-    path = dequant_path(ggml_type, dtype)
-    if not path.exists():
-        return None
-    try:
-        runner = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
-        blocks, out = _dequant_example(ggml_type, 4096, dtype, seed=1)
-        runner.run([blocks, blocks.view(torch.float16), out])
-    except Exception as e:  # noqa: BLE001 — a package this torch cannot load is as good as a damaged one
-        print(f"qkv: the compiled dequantiser {path} does not load ({one_line(f'{type(e).__name__}: {e}', 160)}); "
-              "deleted, dequantising in eager", file=sys.stderr)
-        path.unlink(missing_ok=True)
-        return None
-    ref = torch.empty(4096, 32)
-    dequantize_into(blocks, ggml_type, ref)
-    if not torch.equal(out, ref.to(dtype)):
-        print(f"qkv: the compiled dequantiser {path} is not used (its values differ from the eager "
-              "dequantiser's); dequantising in eager", file=sys.stderr)
-        return None
-    return runner
-
-
 def build(model, *, force: bool = False) -> dict:
     """``qkv compile``: the model's package, built when missing (or with ``force``), loaded and checked.
-    Also builds the prompts' compiled dequantisers. Returns {path, built, compile_seconds, bytes, self_check,
-    dequantizers}; raises ConfigError (one line) where nothing can
+    Returns {path, built, compile_seconds, bytes, self_check}; raises ConfigError (one line) where nothing can
     be compiled (no compact weights, no C++ compiler, an export that fails) or the package fails its check."""
     weights = model.decode_weights(1) if hasattr(model, "decode_weights") else None
     if weights is None:
@@ -450,36 +317,28 @@ def build(model, *, force: bool = False) -> dict:
     path = package_path(model, spec, tensors)
     seconds, built = 0.0, False
     if force or not path.exists():
-        seconds, built = seconds + _compiling("the decode step", compile_package, model, path), True
-    wanted = [(t, d) for t in getattr(model, "compact_block_types", INT4_TYPES) if t in INT4_TYPES
-              for d in dict.fromkeys((torch.float32, _prompt_dtype()))]  # exact analyses', and prompts' dtype
-    for ggml_type, dtype in wanted:
-        if force or not dequant_path(ggml_type, dtype).exists():
-            seconds, built = seconds + _compiling("a dequantiser", compile_dequant, ggml_type, dtype), True
+        seconds, built = seconds + compiling("the decode step", compile_package, model, path), True
     step, err = load(model)
     if step is None:
         raise ConfigError(f"the compiled decode step at {path} failed its check against the eager step "
                           "(details above); generation runs the eager step")
     model.__dict__["_compiled_step"] = step
-    dequant = {f"{t}->{str(d).removeprefix('torch.')}": dequantizer(t, d) is not None for t, d in wanted}
     return {"path": str(path), "built": built, "compile_seconds": seconds if built else None,
-            "bytes": path.stat().st_size, "self_check": err, "dequantizers": dequant}
+            "bytes": path.stat().st_size, "self_check": err}
 
 
-def _compiling(what: str, fn, *args) -> float:
+def compiling(what: str, fn, *args):
+    """``fn(*args)``, its failures as one line: an unwritable cache folder, a compiler's error."""
     try:
         return fn(*args)
+    except ConfigError:  # already one line
+        raise
     except OSError as e:  # the cache folder, not the compiler
         raise ConfigError(f"could not write {what} ({one_line(f'{e.strerror or e}: {e.filename or cache_root()}', 240)}); "
                           "fix: make the cache folder writable or set QKV_CACHE_DIR to one that is") from None
     except Exception as e:  # noqa: BLE001 — inductor's errors carry a compiler's whole output
         raise ConfigError(f"could not compile {what} ({one_line(f'{type(e).__name__}: {e}', 240)}); fix: install a "
                           "C++ compiler (g++) or report it; generation runs the eager step") from None
-
-
-def _prompt_dtype() -> torch.dtype:
-    from ..weights.compact import prompt_dtype
-    return prompt_dtype()
 
 
 def step_times(model, steps: int = 32) -> dict[str, float]:

@@ -22,6 +22,7 @@ padding to 64 bytes, then each tensor's bytes at its recorded offset (relative t
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import mmap
@@ -33,6 +34,8 @@ import zlib
 from pathlib import Path
 
 import torch
+
+from ..errors import ConfigError
 
 MAGIC = b"QKVCACHE"
 VERSION = 1
@@ -48,6 +51,31 @@ def cache_root() -> Path:
         return Path(os.environ["QKV_CACHE_DIR"])
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg) if xdg else Path.home() / ".cache") / "qkv"
+
+
+COMPILE_MODES = ("auto", "1", "0")
+
+
+def compile_mode() -> str:
+    """``QKV_COMPILE``: ``auto`` (default) uses what ``qkv compile`` built and cached, never builds; ``1`` builds
+    what is missing when first needed; ``0`` uses nothing compiled (the eager paths)."""
+    choice = os.environ.get("QKV_COMPILE", "auto")
+    if choice not in COMPILE_MODES:
+        raise ConfigError(f"QKV_COMPILE={choice!r} is not auto, 1 or 0; fix: set one of those or unset it")
+    return choice
+
+
+@functools.cache
+def cpu_flags() -> str:
+    """The CPU's feature flags, sorted (what code compiled for this CPU may use); read once per process."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return " ".join(sorted(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    import platform
+    return platform.machine() + " " + platform.processor()
 
 
 def file_sha256(path: Path) -> str:

@@ -28,6 +28,7 @@ from . import cache as disk
 from .convert import gguf_to_rotate_half
 from .int4 import INT4_TYPES, TORCH_DEQUANT, dequantize_into, dequantize_rows, int4_codes
 from .maps import GGUF_ROPE_PERMUTED
+from .native import dequantizer
 
 LAYOUT = "llama-compact-2"  # what the cached tensors are; changes when their meaning changes
 FUSED = {"self_attn": ("qkv_proj", ("q_proj", "k_proj", "v_proj")), "mlp": ("gate_up_proj", ("gate_proj", "up_proj"))}
@@ -54,8 +55,8 @@ class _Part:
 
     def exact_into(self, out: torch.Tensor) -> torch.Tensor:
         """The same, written into ``out`` (N, K) float32 or bfloat16: the raw blocks are put in qkv's row order
-        first (bytes, not floats, are moved) and dequantised in place — by the compiled dequantiser of
-        ``qkv compile`` where one is cached (one pass, the same bits), else by the eager one."""
+        first (bytes, not floats, are moved) and dequantised in place — by the native dequantiser of
+        ``qkv compile`` where one is cached (qkv.weights.native: one pass, the same bits), else by the eager one."""
         if self.type not in TORCH_DEQUANT:
             return out.copy_(self._order(self.f.tensor(self.name)))
         n, k = self.shape
@@ -63,9 +64,7 @@ class _Part:
         if self.heads is not None:
             raw = self._order(raw)
         blocks, rows = raw.reshape(-1, TORCH_DEQUANT[self.type]), out.view(-1, 32)
-        from ..models.compiled import dequantizer
-
-        fast = dequantizer(self.type, out.dtype) if self.type in INT4_TYPES else None
+        fast = dequantizer(self.type, out.dtype)
         if fast is not None and fast(blocks, rows):
             return out
         if out.dtype == torch.float32:
@@ -155,7 +154,7 @@ def build(model, f, cfg, hf_to_gguf: dict[str, str], *, use_cache: bool = True) 
         else:
             info["compact_cache"] = "off"
     # the 4-bit block types its prompts dequantise (what `qkv compile` builds dequantisers for)
-    model.compact_block_types = sorted({q.type for parts in mats.values() for q in parts if q.type in INT4_TYPES})
+    model.compact_block_types = sorted({q.type for parts in mats.values() for q in parts if q.type in TORCH_DEQUANT})
     kinds = {"int4": 0, "int8": 0}
     prompt = prompt_dtype()
     for p, parts in mats.items():

@@ -33,10 +33,8 @@ def built(q4, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("QKV_CACHE_DIR", str(cache))
         mp.setenv("QKV_COMPILE", "auto")
-        mp.setattr(compiled, "_prompt_dtype", lambda: torch.float32)  # one dequantiser, not two (test time)
         d = compiled.build(qkv.load(q4).model)
     assert d["built"] and d["self_check"] <= compiled.TOLERANCE and Path(d["path"]).parent == cache / "decode"
-    assert d["dequantizers"] == {"Q4_0->float32": True}
     return cache
 
 
@@ -105,7 +103,7 @@ def test_generation_through_the_compiled_step_matches_the_eager_step(use, q4, ca
         for x, y in ((a.k, b.k), (a.v, b.v)):
             assert torch.equal(x[:, :, :len(ids) + first], y[:, :, :len(ids) + first])
             assert float((x - y).abs().max()) <= 0.02 * float(y.abs().max())
-    assert len([p for p in (use / "decode").glob("*.pt2") if not p.name.startswith("dequant-")]) == 1  # one step
+    assert len(list((use / "decode").glob("*.pt2"))) == 1  # one package for both cache lengths
 
 
 def test_the_step_is_not_used_where_it_does_not_apply(use, q4):
@@ -154,7 +152,7 @@ def test_the_step_is_not_used_where_it_does_not_apply(use, q4):
 def test_a_damaged_package_is_deleted_and_never_used(built, q4, tmp_path, monkeypatch, capsys, damage):
     cache = tmp_path / "cache"
     (cache / "decode").mkdir(parents=True)
-    [good] = [p for p in (built / "decode").glob("*.pt2") if not p.name.startswith("dequant-")]
+    [good] = (built / "decode").glob("*.pt2")
     data = good.read_bytes()
     bad = cache / "decode" / good.name
     bad.write_bytes({"garbage": b"not a package" * 100, "truncated": data[: len(data) // 2], "empty": b""}[damage])
@@ -230,10 +228,16 @@ def test_auto_never_builds_and_zero_never_loads(q4, use, tmp_path, monkeypatch):
 
 
 def test_compile_cli_reports_and_refuses_what_it_cannot_compile(use, q4, capsys, monkeypatch):
-    monkeypatch.setattr(compiled, "_prompt_dtype", lambda: torch.float32)  # as built by the fixture
     assert main(["compile", "--model", str(q4), "--format", "json", "--steps", "4"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["built"] is False and Path(d["path"]).exists() and d["self_check"] <= compiled.TOLERANCE
+    native = d["dequantizer"]  # the native dequantiser is built alongside (qkv.weights.native, its own tests)
+    assert native["built"] and Path(native["path"]).parent == use / "native" and native["compile_seconds"] > 0
+    assert d["dequantizers"]["Q4_0->float32"] is True and all(d["dequantizers"].values())
+    assert main(["compile", "--model", str(q4), "--steps", "0"]) == 0  # the text report: both cached, in use
+    out = capsys.readouterr().out
+    assert "compiled decode step:" in out and "(cached)" in out and "Q4_0->float32 in use" in out
+    assert f"native dequantiser: {native['path']} (cached)" in out
     assert set(d["step_ms"]) == {"compiled", "eager"} and all(v > 0 for v in d["step_ms"].values())
     assert main(["compile", "--model", str(q4), "--steps", "-1"]) == 2
     assert "--steps" in capsys.readouterr().err
@@ -264,43 +268,3 @@ def test_compile_cli_reports_and_refuses_what_it_cannot_compile(use, q4, capsys,
     assert "QKV_COMPILE='yes'" in err and err.count("\n") == 1
     assert main(["compile", "--model", str(q4), "--steps", "0"]) == 2  # refused before anything is compiled
     assert "QKV_COMPILE='yes'" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("ggml_type", ["Q4_0", "Q4_1"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_dequantiser_graph_is_the_eager_dequantiser(ggml_type, dtype):
-    """What `qkv compile` compiles for prompts, run eagerly: bitwise qkv.weights.int4.dequantize_into's numbers
-    (rounded once for bfloat16). The compiled library is held to the same before each process uses it."""
-    from qkv.weights.int4 import dequantize_into
-
-    blocks, out = compiled._dequant_example(ggml_type, 300, dtype)
-    compiled.DequantGraph(ggml_type)(blocks, blocks.view(torch.float16), out)
-    ref = torch.empty(300, 32)
-    dequantize_into(blocks, ggml_type, ref)
-    assert torch.equal(out, ref.to(dtype)) and ref.abs().max() > 0
-
-
-def test_prompts_use_the_compiled_dequantiser_with_the_same_bits(use, q4, tmp_path, monkeypatch, capsys):
-    """A prompt longer than COMPACT_ROWS dequantises every matrix through the compiled library: the same
-    logits bit for bit as the eager dequantiser's; a damaged library is deleted and the eager one runs."""
-    from qkv.nn.quant import exact_weights
-
-    model = qkv.load(q4).model
-    ids = torch.tensor([[(7 * i) % 250 + 3 for i in range(100)]])
-    key = ("Q4_0", torch.float32, use)
-    with torch.inference_mode(), exact_weights(model):
-        compiled._DEQUANT.pop(key, None)
-        assert compiled.dequantizer("Q4_0", torch.float32) is not None
-        runner = compiled._DEQUANT[key] = Counting(compiled._DEQUANT[key])
-        fast = model(ids)
-        assert runner.calls >= 4 * model.config.num_hidden_layers  # every part of every int4 matrix
-        compiled._DEQUANT[key] = None
-        torch.testing.assert_close(model(ids), fast, rtol=0, atol=0)
-    compiled._DEQUANT.pop(key, None)
-    (tmp_path / "decode").mkdir()
-    [good] = (use / "decode").glob("dequant-*.pt2")
-    (tmp_path / "decode" / good.name).write_bytes(good.read_bytes()[:1000])
-    monkeypatch.setenv("QKV_CACHE_DIR", str(tmp_path))
-    assert compiled.dequantizer("Q4_0", torch.float32) is None
-    err = capsys.readouterr().err
-    assert "does not load" in err and err.count("\n") == 1 and not (tmp_path / "decode" / good.name).exists()
