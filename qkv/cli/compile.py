@@ -1,8 +1,8 @@
 """``qkv compile`` — build, for this machine, the compiled decode step of a model (AOTInductor) and the native
 dequantiser its prompts and exact analyses use (C++); both cached.
 
-Generation uses them from then on (``QKV_COMPILE=auto``, the default); see qkv.models.compiled and
-qkv.weights.native.
+Generation, long prompts and exact analyses use them from then on (``QKV_COMPILE=auto``, the default); see
+qkv.models.compiled and qkv.weights.native.
 """
 
 from __future__ import annotations
@@ -18,6 +18,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", nargs="?", help="model (same as --model)")
     p.add_argument("--force", action="store_true", help="rebuild even if a package is cached")
     p.add_argument("--steps", type=int, default=32, help="decode steps timed, compiled and eager (0: none)")
+    p.add_argument("--dequantizer-only", action="store_true",
+                   help="build only the native dequantiser (about a second; no model is loaded): what long prompts "
+                        "and the exact analyses (explain) use; make setup runs this")
     p.add_argument("--format", choices=["text", "json"], default="text")
 
 
@@ -37,18 +40,24 @@ def run(args: argparse.Namespace) -> int:
         args.model = args.name
     if args.steps < 0:
         raise InputError(f"--steps must be >= 0, got {args.steps}")
+    wanted = dict.fromkeys((torch.float32, prompt_dtype()))  # exact analyses', prompts'
+    if args.dequantizer_only:
+        if args.name:
+            raise InputError("--dequantizer-only builds no model's step: give no model")
+        seconds = compiled.compiling("the native dequantiser", lambda: native.build(force=args.force),
+                                     fallback="prompts dequantise in eager")
+        return _report_native({"dequantizer": _native_info(native, seconds),
+                               "dequantizers": native.status(sorted(native.KINDS), wanted)}, args, off)
     model = load_model(args).model
     context = model.config.max_position_embeddings
     if args.steps + 4 > context:
         raise InputError(f"--steps {args.steps} does not fit {args.model}'s context of {context} positions; "
                          f"give at most {context - 4}")
     d = compiled.build(model, force=args.force)
-    native_seconds = compiled.compiling("the native dequantiser", lambda: native.build(force=args.force))
-    found = native.library_path()
-    d["dequantizer"] = {"path": str(found) if found else None, "built": native_seconds is not None,
-                        "compile_seconds": native_seconds}
-    d["dequantizers"] = native.status(getattr(model, "compact_block_types", ()),
-                                      dict.fromkeys((torch.float32, prompt_dtype())))  # exact analyses', prompts'
+    native_seconds = compiled.compiling("the native dequantiser", lambda: native.build(force=args.force),
+                                        fallback="prompts dequantise in eager")
+    d["dequantizer"] = _native_info(native, native_seconds)
+    d["dequantizers"] = native.status(getattr(model, "compact_block_types", ()), wanted)
     if args.steps:
         d["step_ms"] = compiled.step_times(model, args.steps)
     if args.format == "json":
@@ -58,13 +67,28 @@ def run(args: argparse.Namespace) -> int:
     print(f"compiled decode step: {d['path']} ({d['bytes'] / 1e6:.1f} MB, {how})")
     print(f"check against the eager step (logits and cache writes): largest difference {d['self_check']:.3g} "
           "of their size")
-    how = f"built in {native_seconds:.1f} s" if native_seconds is not None else "cached"
-    print(f"native dequantiser: {d['dequantizer']['path']} ({how})")
-    if d["dequantizers"]:
-        print("  for prompts and exact analyses (checked bitwise against the eager one): " + ", ".join(
-            f"{name} {'in use' if ok else 'off (QKV_COMPILE=0)' if off else 'NOT used'}" for name, ok in d["dequantizers"].items()))
+    _report_native(d, args, off)
     if args.steps:
         ms = d["step_ms"]
         print(f"one decode step (median of {args.steps}): compiled {ms['compiled']:.1f} ms "
               f"({1000 / ms['compiled']:.0f} tokens/s), eager {ms['eager']:.1f} ms ({1000 / ms['eager']:.0f} tokens/s)")
+    return 0
+
+
+def _native_info(native, seconds: float | None) -> dict:
+    found = native.library_path()
+    return {"path": str(found) if found else None, "built": seconds is not None, "compile_seconds": seconds}
+
+
+def _report_native(d: dict, args, off: bool) -> int:
+    if args.format == "json" and args.dequantizer_only:
+        print(json.dumps(d))
+        return 0
+    seconds = d["dequantizer"]["compile_seconds"]
+    print(f"native dequantiser: {d['dequantizer']['path']} "
+          f"({'cached' if seconds is None else f'built in {seconds:.1f} s'})")
+    if d["dequantizers"]:
+        print("  for prompts and exact analyses (checked bitwise against the eager one): " + ", ".join(
+            f"{name} {'in use' if ok else 'off (QKV_COMPILE=0)' if off else 'NOT used'}"
+            for name, ok in d["dequantizers"].items()))
     return 0

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, one_line
-from ..weights.cache import cache_root, compile_mode, cpu_flags
+from ..weights.cache import cache_root, compile_mode, cpu_flags, sweep_temporaries
 from ..nn.mlp import glu
 from ..nn.quant import small_matmul
 from .llama import appending, decode_layers
@@ -238,12 +238,7 @@ def _export_and_compile(module: nn.Module, args: tuple, shapes: dict, path: Path
         warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecation notices, not the user's
         program = torch.export.export(module, args, dynamic_shapes=shapes)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for old in path.parent.glob(".tmp-*"):  # left by a build that was killed (an hour is far past any build)
-        try:
-            if time.time() - old.stat().st_mtime > 3600:
-                old.unlink()
-        except OSError:
-            pass
+    sweep_temporaries(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt2", dir=path.parent)  # never matched as a package
     os.close(fd)
     try:
@@ -327,8 +322,9 @@ def build(model, *, force: bool = False) -> dict:
             "bytes": path.stat().st_size, "self_check": err}
 
 
-def compiling(what: str, fn, *args):
-    """``fn(*args)``, its failures as one line: an unwritable cache folder, a compiler's error."""
+def compiling(what: str, fn, *args, fallback: str = "generation runs the eager step"):
+    """``fn(*args)``, its failures as one line: an unwritable cache folder, a compiler's error; ``fallback`` says
+    what runs meanwhile."""
     try:
         return fn(*args)
     except ConfigError:  # already one line
@@ -338,7 +334,7 @@ def compiling(what: str, fn, *args):
                           "fix: make the cache folder writable or set QKV_CACHE_DIR to one that is") from None
     except Exception as e:  # noqa: BLE001 — inductor's errors carry a compiler's whole output
         raise ConfigError(f"could not compile {what} ({one_line(f'{type(e).__name__}: {e}', 240)}); fix: install a "
-                          "C++ compiler (g++) or report it; generation runs the eager step") from None
+                          f"C++ compiler (g++) or report it; {fallback}") from None
 
 
 def step_times(model, steps: int = 32) -> dict[str, float]:

@@ -181,6 +181,19 @@ def _unspell_bytes(piece: str) -> bytes | None:
     return piece.translate(_UNSPELL).encode("latin-1")
 
 
+def _unspell_all(pieces: list[str]) -> list[bytes | None]:
+    """_unspell_bytes of each piece; a whole vocabulary written in the byte alphabet (every real one) in one
+    check and one translation (one byte per character), not 50,000 of each."""
+    joined = "".join(pieces)
+    if _SPELLED.fullmatch(joined) is None:
+        return [_unspell_bytes(p) for p in pieces]
+    data, out, at = joined.translate(_UNSPELL).encode("latin-1"), [], 0
+    for p in pieces:
+        out.append(data[at:at + len(p)])
+        at += len(p)
+    return out
+
+
 def _readable(data: bytes) -> str:
     """UTF-8 text, with bytes that are not part of a valid character shown as <0xNN>."""
     text = data.decode("utf-8", "surrogateescape")
@@ -267,11 +280,13 @@ class _MetadataReader:
         if length is not None and len(value) != length:
             raise _bad(key, self.source, f"has {len(value)} entries but tokenizer.ggml.tokens has {length}",
                        "re-convert the model; the arrays must be parallel")
-        for i, x in enumerate(value):
-            if isinstance(x, bool) or not isinstance(x, item):
-                names = item.__name__ if isinstance(item, type) else "/".join(t.__name__ for t in item)
-                raise _bad(key, self.source, f"entry {i} is a {type(x).__name__}, not {names}",
-                           "re-convert the model")
+        exact = {item} if isinstance(item, type) else set(item)
+        if not set(map(type, value)) <= exact - {bool}:  # the common case in one pass; else find the entry
+            for i, x in enumerate(value):
+                if isinstance(x, bool) or not isinstance(x, item):
+                    names = item.__name__ if isinstance(item, type) else "/".join(t.__name__ for t in item)
+                    raise _bad(key, self.source, f"entry {i} is a {type(x).__name__}, not {names}",
+                               "re-convert the model")
         return list(value)
 
 
@@ -393,8 +408,8 @@ def _byte_level_backend(vocab: _GgufVocab) -> tuple[tokenizers.Tokenizer, list[b
     """GPT-2 style BPE over bytes, with the pre-tokenizer's split cascade in front."""
     pieces: list[bytes] = []
     entries: dict[str, int] = {}
-    for i, (text, kind) in enumerate(zip(vocab.tokens, vocab.types)):
-        raw = _unspell_bytes(text) if kind in (_NORMAL, _BYTE, _UNUSED, 0) else None
+    for i, (text, kind, spelled) in enumerate(zip(vocab.tokens, vocab.types, _unspell_all(vocab.tokens))):
+        raw = spelled if kind in (_NORMAL, _BYTE, _UNUSED, 0) else None
         if kind in (_NORMAL, 0) and raw is None:  # stored as plain UTF-8: respell like the rest
             text, raw = _respell_bytes(text), text.encode("utf-8")
         pieces.append(raw if raw is not None else text.encode("utf-8"))

@@ -78,6 +78,17 @@ def cpu_flags() -> str:
     return platform.machine() + " " + platform.processor()
 
 
+def sweep_temporaries(folder: Path, prefix: str = ".tmp-", age: float = 3600.0) -> None:
+    """Delete ``prefix*`` files in ``folder`` older than ``age`` seconds: left by a build that was killed (an
+    hour is far past any build; a younger one may belong to a build running now)."""
+    for old in folder.glob(prefix + "*"):
+        try:
+            if time.time() - old.stat().st_mtime > age:
+                old.unlink()
+        except OSError:
+            pass
+
+
 def file_sha256(path: Path) -> str:
     """SHA-256 of a file, read in 4 MiB chunks (the file is not mapped, so its pages do not count as ours)."""
     h = hashlib.sha256()

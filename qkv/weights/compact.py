@@ -153,7 +153,7 @@ def build(model, f, cfg, hf_to_gguf: dict[str, str], *, use_cache: bool = True) 
                 info["compact_cache"] = f"not written ({e.strerror or e})"
         else:
             info["compact_cache"] = "off"
-    # the 4-bit block types its prompts dequantise (what `qkv compile` builds dequantisers for)
+    # the block types its prompts dequantise (what `qkv compile` reports the native dequantiser for)
     model.compact_block_types = sorted({q.type for parts in mats.values() for q in parts if q.type in TORCH_DEQUANT})
     kinds = {"int4": 0, "int8": 0}
     prompt = prompt_dtype()

@@ -4,7 +4,8 @@
 // and called through ctypes on a prompt's matrices. It computes what qkv.weights.int4.dequantize_into
 // computes, with the same IEEE float32 operations in the same order -- (q - 8) * d, q * d + m, q * d; a
 // multiply then an add, never fused -- and rounds to bfloat16 to nearest-even as torch's cast does, so
-// the numbers are the same bit for bit; native.py checks that before a process uses the library.
+// the numbers are the same bit for bit (a NaN's payload aside: torch's casts differ among themselves there);
+// native.py checks that before a process uses the library.
 //
 // Why not the compiler torch already has (inductor): its loop loads 8 code bytes at a time, a partial load
 // that AVX2's at::vec does through a zeroed buffer and a memcpy -- 1.2 ms a 576 x 1536 matrix against
@@ -115,9 +116,9 @@ inline void block(const uint8_t *blk, void *out) {
 #endif
 
 template <Kind K, bool BF16>
-void run(const uint8_t *blocks, void *out, int64_t n) {
+void run(const uint8_t *blocks, void *out, int64_t n, int threads) {
     const int64_t out_bytes = BF16 ? 64 : 128;
-#pragma omp parallel for schedule(static) if (n >= kParallelFrom)
+#pragma omp parallel for schedule(static) num_threads(threads) if (n >= kParallelFrom && threads > 1)
     for (int64_t j = 0; j < n; j++)
         block<K, BF16>(blocks + j * kBlockBytes[K], (char *)out + j * out_bytes);
 }
@@ -126,16 +127,17 @@ void run(const uint8_t *blocks, void *out, int64_t n) {
 
 extern "C" {
 
-// n blocks of `kind` (0 Q4_0, 1 Q4_1, 2 Q8_0) -> n * 32 values at `out`, float32 (bf16 = 0) or bfloat16.
+// n blocks of `kind` (0 Q4_0, 1 Q4_1, 2 Q8_0) -> n * 32 values at `out`, float32 (bf16 = 0) or bfloat16, on
+// `threads` threads (the caller's torch.get_num_threads(): OpenMP's own count is per calling thread).
 // Returns 0, or 1 for a kind it does not know (nothing written).
-int qkv_dequant(int kind, int bf16, const uint8_t *blocks, void *out, int64_t n) {
+int qkv_dequant(int kind, int bf16, const uint8_t *blocks, void *out, int64_t n, int threads) {
     switch (kind * 2 + (bf16 != 0)) {
-        case 0: run<Q4_0, false>(blocks, out, n); return 0;
-        case 1: run<Q4_0, true>(blocks, out, n); return 0;
-        case 2: run<Q4_1, false>(blocks, out, n); return 0;
-        case 3: run<Q4_1, true>(blocks, out, n); return 0;
-        case 4: run<Q8_0, false>(blocks, out, n); return 0;
-        case 5: run<Q8_0, true>(blocks, out, n); return 0;
+        case 0: run<Q4_0, false>(blocks, out, n, threads); return 0;
+        case 1: run<Q4_0, true>(blocks, out, n, threads); return 0;
+        case 2: run<Q4_1, false>(blocks, out, n, threads); return 0;
+        case 3: run<Q4_1, true>(blocks, out, n, threads); return 0;
+        case 4: run<Q8_0, false>(blocks, out, n, threads); return 0;
+        case 5: run<Q8_0, true>(blocks, out, n, threads); return 0;
         default: return 1;
     }
 }

@@ -5,7 +5,7 @@ the file's exact weights, dequantised per call from the mapped GGUF blocks: ~106
 SmolLM2, every layer, every time. ``dequant.cpp`` (next to this file) does it in one pass on every core —
 Q4_0, Q4_1 and Q8_0 blocks into float32 or bfloat16 — with the same IEEE operations in the same order as
 the eager ``qkv.weights.int4.dequantize_into`` (so bitwise the same numbers; bfloat16 rounded to nearest even
-as torch's cast). Measured per 576 x 1536 Q4_1 matrix on 2 threads (AVX-512 + AMX machine): 0.07 ms built
+as torch's cast; a NaN's payload aside, where torch's own casts differ among CPUs). Measured per 576 x 1536 Q4_1 matrix on 2 threads (AVX-512 + AMX machine): 0.07 ms built
 for this CPU, 0.11 ms with AVX2 code only; the eager dequantiser 1.2 ms; inductor's loop (what ``qkv
 compile`` built before) 0.12 ms with AVX-512 code but 1.22 ms with AVX2 code.
 
@@ -13,14 +13,15 @@ compile`` built before) 0.12 ms with AVX-512 code but 1.22 ms with AVX2 code.
 
     <cache root>/native/dequant-<key>-<digest>.so
 
-where ``key`` names the source, the flags and the CPU's feature flags (``-march=native`` code must not run on
-another kind of CPU sharing the folder) and ``digest`` is the start of the file's own SHA-256. It is written
+where ``key`` names the source, the compiler, the flags and the CPU's feature flags (``-march=native`` code
+must not run on another kind of CPU sharing the folder) and ``digest`` is the start of the file's own SHA-256. It is written
 under a temporary name and renamed into place. A file whose contents do not match its digest is deleted
 unloaded (loading a truncated library would crash the process); before a process uses the library, it
 dequantises 4,096 blocks of every kind it is asked for and compares them bit for bit with the eager
 dequantiser: a library that does not load is deleted, one that disagrees is not used; the eager
 dequantiser is always there. ``QKV_COMPILE``: ``auto`` uses a cached library; ``1`` also builds a
-missing one on first use; ``0`` never loads one. Its OpenMP threads are torch's (one libgomp in the process).
+missing one on first use; ``0`` never loads one. It runs on torch.get_num_threads() threads of torch's own
+OpenMP runtime (one libgomp in the process).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError, one_line
-from .cache import cache_root, compile_mode, cpu_flags
+from .cache import cache_root, compile_mode, cpu_flags, sweep_temporaries
 from .int4 import TORCH_DEQUANT, dequantize_into
 
 SOURCE = Path(__file__).with_name("dequant.cpp")
@@ -52,6 +53,7 @@ BUILD_SECONDS = 300  # a compiler that takes longer than this is stuck
 
 _LOCK = threading.RLock()  # build() may run under a lookup (QKV_COMPILE=1)
 _FOUND: dict = {}  # (file stem, QKV_COMPILE) -> the verified library file, or None (none); cleared by build()
+_UNSET = object()
 _LIBS: dict = {}  # library file -> its loaded entry point
 _CHECKED: dict = {}  # (library file, type, dtype) -> passed the bitwise check
 
@@ -60,18 +62,23 @@ def compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 
 
-def _stem() -> Path:
-    """``<cache>/native/dequant-<key>``: the library's name for this source, these flags and this CPU; the file
-    is ``<stem>-<digest>.so``, ``digest`` the start of its own SHA-256 (checked before it is loaded: loading
-    a truncated library would crash the process, not raise)."""
-    return _stem_for(os.environ.get("QKV_CACHE_DIR"), os.environ.get("XDG_CACHE_HOME"), os.environ.get("HOME"),
-                     SOURCE, FLAGS)
+def _stem() -> Path | None:
+    """``<cache>/native/dequant-<key>``: the library's name for this source, compiler, these flags and this CPU;
+    the file is ``<stem>-<digest>.so``, ``digest`` the start of its own SHA-256 (checked before it is loaded:
+    loading a truncated library would crash the process, not raise). None when the source is not installed."""
+    env = os.environ
+    return _stem_for(env.get("QKV_CACHE_DIR"), env.get("XDG_CACHE_HOME"), env.get("HOME"), env.get("CXX"),
+                     env.get("PATH"), SOURCE, FLAGS)
 
 
 @functools.cache
-def _stem_for(*what) -> Path:  # a prompt asks once per matrix part: cache_root() and the key, remembered
+def _stem_for(*what) -> Path | None:  # a prompt asks once per matrix part: remembered per environment
     source, flags = what[-2:]
-    key = hashlib.sha256(source.read_bytes() + "\0".join([*flags, cpu_flags()]).encode()).hexdigest()[:24]
+    try:
+        code = source.read_bytes()
+    except OSError:
+        return None
+    key = hashlib.sha256(code + "\0".join([*flags, str(compiler()), cpu_flags()]).encode()).hexdigest()[:24]
     return cache_root() / "native" / f"dequant-{key}"
 
 
@@ -83,6 +90,8 @@ def library_path() -> Path | None:
     """The cached library for this source, these flags and this CPU, if one is there whole; a file whose
     contents do not match its name is deleted (one line on stderr)."""
     stem = _stem()
+    if stem is None:
+        return None
     try:
         candidates = sorted(stem.parent.glob(stem.name + "-*.so"))
     except OSError:
@@ -110,15 +119,19 @@ def build(*, force: bool = False) -> float | None:
     if cxx is None:
         raise ConfigError("no C++ compiler for the native dequantiser (g++ or c++, or $CXX); fix: install g++ "
                           "(make setup does); prompts dequantise in eager meanwhile")
-    t0 = time.perf_counter()
     stem = _stem()
+    if stem is None:
+        raise ConfigError(f"{SOURCE} is missing from this installation of qkv; fix: reinstall qkv (pip install -e .) "
+                          "— prompts dequantise in eager meanwhile")
+    t0 = time.perf_counter()
     stem.parent.mkdir(parents=True, exist_ok=True)
+    sweep_temporaries(stem.parent)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".so", dir=stem.parent)  # never matched as a library
     os.close(fd)
     try:
         try:
             done = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True,
-                                  timeout=BUILD_SECONDS)
+                                  errors="replace", timeout=BUILD_SECONDS)
         except (OSError, subprocess.TimeoutExpired) as e:
             raise ConfigError(f"could not run the C++ compiler {cxx} ({one_line(str(e), 200)}); fix: install "
                               "g++ or set CXX to a working compiler") from None
@@ -142,23 +155,27 @@ def dequantizer(ggml_type: str, dtype: torch.dtype):
     if ggml_type not in KINDS or dtype not in DTYPES:
         return None
     how = compile_mode()
-    if how == "0":
+    stem = _stem()
+    if how == "0" or stem is None:
         return None
-    found = (str(_stem()), how)
-    if found not in _FOUND:
+    found = (stem, how)
+    path = _FOUND.get(found, _UNSET)
+    if path is _UNSET:
         with _LOCK:
-            if found not in _FOUND:
-                _FOUND[found] = _find(build_missing=how == "1")
-    path = _FOUND[found]
+            path = _FOUND.get(found, _UNSET)
+            if path is _UNSET:
+                path = _FOUND[found] = _find(build_missing=how == "1")
     if path is None:
         return None
     key = (path, ggml_type, dtype)
-    if key not in _CHECKED:
+    ok = _CHECKED.get(key)
+    if ok is None:
         with _LOCK:
-            if key not in _CHECKED:
+            ok = _CHECKED.get(key)
+            if ok is None:
                 fn = _library(path)
-                _CHECKED[key] = fn is not None and _agrees(fn, path, ggml_type, dtype)
-    if not _CHECKED[key]:
+                ok = _CHECKED[key] = fn is not None and _agrees(fn, path, ggml_type, dtype)
+    if not ok:
         return None
     fn, kind, bf16, width = _LIBS[path], KINDS[ggml_type], DTYPES[dtype], TORCH_DEQUANT[ggml_type]
 
@@ -168,7 +185,7 @@ def dequantizer(ggml_type: str, dtype: torch.dtype):
                 and blocks.shape[1] == width and out.shape == (n, 32) and blocks.is_contiguous()
                 and out.is_contiguous() and blocks.device.type == out.device.type == "cpu"):
             return False
-        return n == 0 or fn(kind, bf16, blocks.data_ptr(), out.data_ptr(), n) == 0
+        return n == 0 or fn(kind, bf16, blocks.data_ptr(), out.data_ptr(), n, torch.get_num_threads()) == 0
     return fast
 
 
@@ -183,7 +200,7 @@ def _find(*, build_missing: bool) -> Path | None:
     if path is None and build_missing:
         try:
             build()
-        except (ConfigError, OSError) as e:
+        except (ConfigError, OSError) as e:  # once per process: the memo holds the None
             print(f"qkv: {one_line(str(e), 300)}", file=sys.stderr)
         path = library_path()
     return path
@@ -201,7 +218,7 @@ def _library(path: Path):
             path.unlink(missing_ok=True)
             return None
         fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+        fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
         _LIBS[path] = fn
     return _LIBS[path]
 
@@ -220,7 +237,7 @@ def _agrees(fn, path: Path, ggml_type: str, dtype: torch.dtype) -> bool:
     blocks = example_blocks(ggml_type, CHECK_BLOCKS, seed=1)
     out = torch.empty(CHECK_BLOCKS, 32, dtype=dtype)
     ref = dequantize_into(blocks, ggml_type, torch.empty(CHECK_BLOCKS, 32)).to(dtype)
-    if fn(KINDS[ggml_type], DTYPES[dtype], blocks.data_ptr(), out.data_ptr(), CHECK_BLOCKS) == 0 and \
+    if fn(KINDS[ggml_type], DTYPES[dtype], blocks.data_ptr(), out.data_ptr(), CHECK_BLOCKS, torch.get_num_threads()) == 0 and \
             torch.equal(out.view(torch.uint8), ref.view(torch.uint8)):  # bits, not values
         return True
     print(f"qkv: the native dequantiser {path} is not used (its {ggml_type} -> {str(dtype).removeprefix('torch.')} "

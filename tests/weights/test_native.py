@@ -6,6 +6,7 @@ and a damaged, wrong or missing library never used; build failures are one line 
 from __future__ import annotations
 
 import ctypes
+import json
 from pathlib import Path
 
 import pytest
@@ -118,12 +119,13 @@ def test_prompts_dequantise_natively_with_the_same_logits_bit_for_bit(use, tmp_p
 
     def counting(kind, dtype):
         fast = real(kind, dtype)
-        return None if fast is None else (lambda b, o: calls.append(kind) or fast(b, o))
+        return None if fast is None else (lambda b, o: calls.append((kind, fast(b, o))) or calls[-1][1])
     monkeypatch.setattr("qkv.weights.compact.dequantizer", counting)
     ids = torch.tensor([[(7 * i) % 250 + 3 for i in range(100)]])
     with torch.inference_mode(), exact_weights(model):
         fast = model(ids)
-        assert calls.count("Q4_0") >= 4 * model.config.num_hidden_layers  # q, k, v, o, gate, up, down
+        assert calls.count(("Q4_0", True)) >= 4 * model.config.num_hidden_layers  # q, k, v, o, gate, up, down
+        assert all(done for _, done in calls)  # every part taken by the library, none handed back to eager
         monkeypatch.setenv("QKV_COMPILE", "0")
         assert native.dequantizer("Q4_0", torch.float32) is None
         torch.testing.assert_close(model(ids), fast, rtol=0, atol=0)
@@ -185,5 +187,62 @@ def test_qkv_compile_1_builds_a_missing_library_on_first_use(tmp_path, monkeypat
     assert native.status(["Q8_0", "F32"], [torch.bfloat16]) == {"Q8_0->bfloat16": True}
 
 
-def test_block_sizes_agree_with_the_eager_table():
+def test_the_library_covers_every_kind_the_eager_dequantiser_has():
     assert set(native.KINDS) == set(TORCH_DEQUANT)
+
+
+def test_the_portable_loop_without_avx2_is_bitwise_too(tmp_path, monkeypatch):
+    """The same source built for a baseline x86-64 CPU (no AVX2: the scalar loop the compiler vectorises as it
+    can) — the path a CPU without AVX2 would run — against the eager dequantiser, every kind and dtype."""
+    monkeypatch.setenv("QKV_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("QKV_COMPILE", "auto")
+    monkeypatch.setattr(native, "FLAGS", tuple("-march=x86-64" if f == "-march=native" else f for f in native.FLAGS))
+    assert native.build() is not None
+    halves = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.uint8).view(-1, 2)
+    for kind in KINDS:
+        blocks = native.example_blocks(kind, 65536, seed=11)
+        blocks[:, 0:2] = halves  # every float16 scale
+        for dtype in DTYPES:
+            out = torch.empty(65536, 32, dtype=dtype)
+            assert native.dequantizer(kind, dtype)(blocks, out)
+            ref = _eager(blocks, kind, dtype)
+            nan = ref.isnan()
+            assert torch.equal(out.isnan(), nan) and _same_bits(out[~nan], ref[~nan])
+
+
+def test_a_failing_compiler_under_qkv_compile_1_is_one_line_once(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("QKV_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("QKV_COMPILE", "1")
+    monkeypatch.setenv("CXX", "false")
+    assert native.dequantizer("Q4_1", torch.float32) is None
+    err = capsys.readouterr().err
+    assert err.startswith("qkv: false could not compile dequant.cpp") and err.count("\n") == 1
+    assert native.dequantizer("Q4_1", torch.float32) is None and capsys.readouterr().err == ""  # remembered
+
+
+def test_a_missing_source_means_eager_not_a_crash(tmp_path, monkeypatch):
+    monkeypatch.setenv("QKV_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("QKV_COMPILE", "1")
+    monkeypatch.setattr(native, "SOURCE", tmp_path / "dequant.cpp")  # a broken install without the package data
+    assert native.dequantizer("Q4_1", torch.float32) is None and native.library_path() is None
+    with pytest.raises(ConfigError, match="missing from this installation"):
+        native.build()
+
+
+def test_qkv_compile_dequantizer_only_builds_the_library_and_no_model(tmp_path, monkeypatch, capsys):
+    from qkv.cli.main import main
+
+    monkeypatch.setenv("QKV_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("QKV_COMPILE", "auto")
+    assert main(["compile", "--dequantizer-only", "--format", "json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["dequantizer"]["built"] and Path(d["dequantizer"]["path"]) == native.library_path()
+    assert {k.split("->")[0] for k in d["dequantizers"]} == set(native.KINDS) and all(d["dequantizers"].values())
+    assert not (tmp_path / "decode").exists() and not (tmp_path / "compact").exists()  # no model was touched
+    assert main(["compile", "--dequantizer-only"]) == 0
+    out = capsys.readouterr().out
+    assert "(cached)" in out and "Q4_1->float32 in use" in out
+    assert main(["compile", "smollm2", "--dequantizer-only"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qkv: error:") and "--dequantizer-only" in err and err.count("\n") == 1
+
