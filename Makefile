@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	@if ! command -v g++ >/dev/null && [ "$$(id -u)" = 0 ]; then apt-get update && apt-get install -y g++; \
 	elif ! command -v g++ >/dev/null; then echo "note: install a C++ compiler (as root: apt-get install -y g++) for qkv compile"; fi
 # the native dequantiser of long prompts and exact analyses (qkv explain), built for this CPU into the cache (~1 s)
-	@if command -v g++ >/dev/null; then $(BIN)/qkv compile --dequantizer-only || echo "note: qkv compile --dequantizer-only failed; prompts dequantise in eager"; fi
+	@if command -v "$${CXX:-g++}" >/dev/null || command -v c++ >/dev/null; then $(BIN)/qkv compile --dequantizer-only || echo "note: qkv compile --dequantizer-only failed; prompts dequantise in eager"; fi
 	touch $(STAMP)
 
 demo: setup

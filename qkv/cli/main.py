@@ -24,7 +24,7 @@ SUBCOMMANDS = {
     "embed": "sentence embeddings from an encoder (minilm) and their cosine similarities",
     "train": "train the 2017 encoder–decoder on a built-in task, or a decoder LM on a text file",
     "eval": "held-out metrics of a training run (exact match, or loss and perplexity)",
-    "compile": "build a model's compiled decode step for this machine (once; generation then uses it)",
+    "compile": "build for this machine a model's compiled decode step and the native dequantiser (once; used from then on)",
     "export": "write a Llama-architecture model (e.g. a trained run) as a Hugging Face directory or a GGUF file",
     "serve": "the live attention explorer in the browser: any text, every row on demand, exports",
     "rope": "a model's RoPE: each pair's frequency and wavelength, and q·k against relative distance (text, PNG)",

@@ -67,6 +67,11 @@ def _stem() -> Path | None:
     the file is ``<stem>-<digest>.so``, ``digest`` the start of its own SHA-256 (checked before it is loaded:
     loading a truncated library would crash the process, not raise). None when the source is not installed."""
     env = os.environ
+    if not (env.get("QKV_CACHE_DIR") or env.get("XDG_CACHE_HOME") or env.get("HOME")):
+        try:
+            Path.home()
+        except RuntimeError:  # no home folder and no cache folder named: nothing is cached
+            return None
     return _stem_for(env.get("QKV_CACHE_DIR"), env.get("XDG_CACHE_HOME"), env.get("HOME"), env.get("CXX"),
                      env.get("PATH"), SOURCE, FLAGS)
 
@@ -103,9 +108,8 @@ def library_path() -> Path | None:
             whole = False
         if whole:
             return path
-        print(f"qkv: the native dequantiser {path} is damaged (its contents do not match its name); deleted",
-              file=sys.stderr)
-        path.unlink(missing_ok=True)
+        print(f"qkv: the native dequantiser {path} is damaged (its contents do not match its name); "
+              f"{_delete(path)}", file=sys.stderr)
     return None
 
 
@@ -213,14 +217,22 @@ def _library(path: Path):
         try:
             fn = ctypes.CDLL(str(path)).qkv_dequant
         except (OSError, AttributeError) as e:
-            print(f"qkv: the native dequantiser {path} does not load ({one_line(str(e), 160)}); deleted, "
+            print(f"qkv: the native dequantiser {path} does not load ({one_line(str(e), 160)}); {_delete(path)}, "
                   "dequantising in eager", file=sys.stderr)
-            path.unlink(missing_ok=True)
+            _LIBS[path] = None  # said once per process, whatever the kinds asked for
             return None
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
         _LIBS[path] = fn
     return _LIBS[path]
+
+
+def _delete(path: Path) -> str:
+    try:
+        path.unlink(missing_ok=True)
+        return "deleted"
+    except OSError as e:  # a read-only cache folder: not used, left where it is
+        return f"not deleted ({e.strerror or e})"
 
 
 def example_blocks(ggml_type: str, n: int, seed: int = 0) -> torch.Tensor:

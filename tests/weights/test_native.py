@@ -143,6 +143,19 @@ def test_a_damaged_library_is_deleted_unloaded_and_a_wrong_one_not_used(use, tmp
         assert native.dequantizer("Q4_1", torch.float32) is None
         err = capsys.readouterr().err
         assert says in err and err.count("\n") == 1 and not target.exists()
+        assert native.dequantizer("Q4_1", torch.bfloat16) is None and capsys.readouterr().err == ""  # said once
+
+    def refuse(self, missing_ok=False):
+        raise PermissionError(13, "Permission denied", str(self))
+    folder = tmp_path / "read-only" / "native"  # a damaged file that cannot be deleted: not used, no crash
+    folder.mkdir(parents=True)
+    (folder / good.name).write_bytes(good.read_bytes()[:2000])
+    monkeypatch.setenv("QKV_CACHE_DIR", str(folder.parent))
+    with monkeypatch.context() as m:
+        m.setattr(Path, "unlink", refuse)
+        assert native.dequantizer("Q4_1", torch.float32) is None
+    err = capsys.readouterr().err
+    assert "is damaged" in err and "not deleted (Permission denied)" in err and err.count("\n") == 1
 
     # a library that computes something else (q * d - m) loads but fails the bitwise check: not used
     monkeypatch.setenv("QKV_CACHE_DIR", str(tmp_path / "wrong"))
@@ -242,7 +255,16 @@ def test_qkv_compile_dequantizer_only_builds_the_library_and_no_model(tmp_path, 
     assert main(["compile", "--dequantizer-only"]) == 0
     out = capsys.readouterr().out
     assert "(cached)" in out and "Q4_1->float32 in use" in out
-    assert main(["compile", "smollm2", "--dequantizer-only"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("qkv: error:") and "--dequantizer-only" in err and err.count("\n") == 1
+    for argv in (["other.gguf"], ["--model", "other.gguf"]):
+        assert main(["compile", "--dequantizer-only", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("qkv: error:") and "--dequantizer-only" in err and err.count("\n") == 1
+    # a library that builds but fails its bitwise check: reported, and the command says so with exit code 1
+    wrong = tmp_path / "dequant.cpp"
+    wrong.write_text(native.SOURCE.read_text().replace("(c - 8.0f) * d", "(c - 7.0f) * d")
+                     .replace("_mm256_sub_ps(q, eight)", "_mm256_sub_ps(q, _mm256_set1_ps(7.0f))"))
+    monkeypatch.setattr(native, "SOURCE", wrong)
+    assert main(["compile", "--dequantizer-only"]) == 1
+    out = capsys.readouterr().out
+    assert "Q4_0->float32 NOT used" in out and "Q4_1->float32 in use" in out
 
