@@ -42,10 +42,12 @@ def run(args: argparse.Namespace) -> int:
     if args.dequantizer_only:
         if args.model != "smollm2":
             raise InputError(f"--dequantizer-only builds no model's step: give no model (got {args.model!r})")
-        seconds = compiled.compiling("the native dequantiser", lambda: native.build(force=args.force),
-                                     fallback="prompts dequantise in eager")
-        return _report_native({"dequantizer": _native_info(native, seconds),
-                               "dequantizers": native.status(sorted(native.KINDS), wanted)}, args, off)
+        d = _build_native(args, sorted(native.KINDS), wanted)
+        if args.format == "json":
+            print(json.dumps(d))
+        else:
+            _report_native(d, off)
+        return _dequantizer_code(d, off)
     if args.steps < 0:
         raise InputError(f"--steps must be >= 0, got {args.steps}")
     model = load_model(args).model
@@ -54,10 +56,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--steps {args.steps} does not fit {args.model}'s context of {context} positions; "
                          f"give at most {context - 4}")
     d = compiled.build(model, force=args.force)
-    native_seconds = compiled.compiling("the native dequantiser", lambda: native.build(force=args.force),
-                                        fallback="prompts dequantise in eager")
-    d["dequantizer"] = _native_info(native, native_seconds)
-    d["dequantizers"] = native.status(getattr(model, "compact_block_types", ()), wanted)
+    d.update(_build_native(args, getattr(model, "compact_block_types", ()), wanted))
     if args.steps:
         d["step_ms"] = compiled.step_times(model, args.steps)
     if args.format == "json":
@@ -67,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"compiled decode step: {d['path']} ({d['bytes'] / 1e6:.1f} MB, {how})")
     print(f"check against the eager step (logits and cache writes): largest difference {d['self_check']:.3g} "
           "of their size")
-    _report_native(d, args, off)
+    _report_native(d, off)
     if args.steps:
         ms = d["step_ms"]
         print(f"one decode step (median of {args.steps}): compiled {ms['compiled']:.1f} ms "
@@ -75,9 +74,17 @@ def run(args: argparse.Namespace) -> int:
     return _dequantizer_code(d, off)
 
 
-def _native_info(native, seconds: float | None) -> dict:
+def _build_native(args, types, dtypes) -> dict:
+    """The native dequantiser built (unless cached), and which of ``types`` x ``dtypes`` it serves."""
+    from ..models.compiled import compiling
+    from ..weights import native
+
+    seconds = compiling("the native dequantiser", lambda: native.build(force=args.force),
+                        fallback="prompts dequantise in eager")
     found = native.library_path()
-    return {"path": str(found) if found else None, "built": seconds is not None, "compile_seconds": seconds}
+    return {"dequantizer": {"path": str(found) if found else None, "built": seconds is not None,
+                            "compile_seconds": seconds},
+            "dequantizers": native.status(types, dtypes)}
 
 
 def _dequantizer_code(d: dict, off: bool) -> int:
@@ -86,10 +93,7 @@ def _dequantizer_code(d: dict, off: bool) -> int:
     return 1 if not off and not all(d["dequantizers"].values()) else 0
 
 
-def _report_native(d: dict, args, off: bool) -> int:
-    if args.format == "json" and args.dequantizer_only:
-        print(json.dumps(d))
-        return _dequantizer_code(d, off)
+def _report_native(d: dict, off: bool) -> None:
     seconds = d["dequantizer"]["compile_seconds"]
     print(f"native dequantiser: {d['dequantizer']['path']} "
           f"({'cached' if seconds is None else f'built in {seconds:.1f} s'})")
@@ -97,4 +101,3 @@ def _report_native(d: dict, args, off: bool) -> int:
         print("  for prompts and exact analyses (checked bitwise against the eager one): " + ", ".join(
             f"{name} {'in use' if ok else 'off (QKV_COMPILE=0)' if off else 'NOT used'}"
             for name, ok in d["dequantizers"].items()))
-    return _dequantizer_code(d, off) if args.dequantizer_only else 0

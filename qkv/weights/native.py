@@ -65,13 +65,9 @@ def compiler() -> str | None:
 def _stem() -> Path | None:
     """``<cache>/native/dequant-<key>``: the library's name for this source, compiler, these flags and this CPU;
     the file is ``<stem>-<digest>.so``, ``digest`` the start of its own SHA-256 (checked before it is loaded:
-    loading a truncated library would crash the process, not raise). None when the source is not installed."""
+    loading a truncated library would crash the process, not raise). None when the source is not installed or
+    there is no cache folder."""
     env = os.environ
-    if not (env.get("QKV_CACHE_DIR") or env.get("XDG_CACHE_HOME") or env.get("HOME")):
-        try:
-            Path.home()
-        except RuntimeError:  # no home folder and no cache folder named: nothing is cached
-            return None
     return _stem_for(env.get("QKV_CACHE_DIR"), env.get("XDG_CACHE_HOME"), env.get("HOME"), env.get("CXX"),
                      env.get("PATH"), SOURCE, FLAGS)
 
@@ -83,8 +79,12 @@ def _stem_for(*what) -> Path | None:  # a prompt asks once per matrix part: reme
         code = source.read_bytes()
     except OSError:
         return None
+    try:
+        root = cache_root()
+    except RuntimeError:  # no home folder and no cache folder named: nothing is cached
+        return None
     key = hashlib.sha256(code + "\0".join([*flags, str(compiler()), cpu_flags()]).encode()).hexdigest()[:24]
-    return cache_root() / "native" / f"dequant-{key}"
+    return root / "native" / f"dequant-{key}"
 
 
 def _file_name(stem: Path, data: bytes) -> str:
