@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test test-isa bench llamacpp clean tour
+.PHONY: setup bytecode demo test test-isa bench llamacpp clean tour
 
 setup: $(STAMP)
 
@@ -26,10 +26,15 @@ $(STAMP): pyproject.toml Makefile
 	@if command -v "$${CXX:-g++}" >/dev/null || command -v c++ >/dev/null; then $(BIN)/qkv compile --dequantizer-only || echo "note: qkv compile --dequantizer-only failed; prompts dequantise in eager"; fi
 	touch $(STAMP)
 
-demo: setup
+# qkv's bytecode, written ahead (the environment may set PYTHONDONTWRITEBYTECODE, and an editable install is
+# never compiled by pip): otherwise every process, each test's subprocess included, compiles what it imports
+bytecode: setup
+	@$(BIN)/python -m compileall -q qkv
+
+demo: setup bytecode
 	$(BIN)/qkv explain "He sat on the river's bank" --token bank
 
-test: setup
+test: setup bytecode
 	$(BIN)/python -m pytest -q
 
 # The numerically sensitive tests again under the other CPU kinds' kernels (NumPy without AVX-512, oneDNN

@@ -8,18 +8,57 @@ Public API:
     qkv.capture                         exact attention rows and faithfulness measures of a text (one forward)
     qkv.capture_generation              attention of every generated token at the step that produced it
     qkv.AttentionRecord                 what capture returns and every renderer reads
+
+The names are imported on first use (PEP 562), so ``import qkv`` costs no import of torch: the ``qkv``
+command pauses Python's garbage collector before torch's import and the model's load (a third of a second
+of collections over objects that all live on; qkv.cli.main), which it can only do if importing the package
+does not already import them. ``qkv.generate`` and ``qkv.embed`` are the functions, as before, although
+submodules of the same names exist (``qkv.generate.loop``, ``qkv.embed``): importing those never replaces
+the functions here.
 """
 
-from .embed import embed
-from .errors import QkvError
-from .explain.capture import capture, capture_generation
-from .explain.record import AttentionRecord
-from .generate import generate  # the functions replace the same-named submodules as attributes of qkv
-from .load import load
-from .nn.attention import attention, attention_rows
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+import types
 
 __version__ = "0.1.0"
+
+# public name -> the module that defines it
+_PUBLIC = {
+    "attention": ".nn.attention", "attention_rows": ".nn.attention", "load": ".load", "generate": ".generate",
+    "embed": ".embed", "capture": ".explain.capture", "capture_generation": ".explain.capture",
+    "AttentionRecord": ".explain.record", "QkvError": ".errors",
+}
 
 __all__ = ["attention", "attention_rows", "load", "generate", "embed", "capture", "capture_generation",
            "AttentionRecord", "QkvError", "__version__"]
 
+
+class _Package(types.ModuleType):
+    """The qkv module's type: public names resolved on first use, submodules imported on first use."""
+
+    def __getattr__(self, name: str):  # only for names not (yet) in the module's dict
+        if name in _PUBLIC:
+            value = getattr(importlib.import_module(_PUBLIC[name], __name__), name)
+        elif not name.startswith("__") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+            value = importlib.import_module(f".{name}", __name__)  # `import qkv; qkv.nn...`, as when all was eager
+        else:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        self.__dict__[name] = value
+        return value
+
+    def __setattr__(self, name: str, value) -> None:
+        # the import system sets each imported submodule as an attribute of its package: for qkv.generate and
+        # qkv.embed (also modules' names) that would put a module where the public function belongs
+        if name in _PUBLIC and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+    def __dir__(self):
+        return sorted(set(super().__dir__()) | set(_PUBLIC))
+
+
+sys.modules[__name__].__class__ = _Package

@@ -3,6 +3,31 @@
 from __future__ import annotations
 
 import argparse
+import gc
+
+_GC_PAUSED = False
+
+
+def pause_gc() -> None:
+    """Pause Python's garbage collector for a command's start-up (called by the ``qkv`` command only, never
+    by the library): importing torch and loading a model create ~180,000 objects that all live on, and the
+    collector's passes over them (three full ones, hundreds of young ones) cost 0.2-0.3 s of a 2 s command,
+    for no garbage. :func:`startup_done` moves them out of its reach and resumes it."""
+    global _GC_PAUSED
+    if gc.isenabled():
+        gc.disable()
+        _GC_PAUSED = True
+
+
+def startup_done() -> None:
+    """After the start-up (imports, the model's load): what exists now is frozen — never examined again by
+    the collector, as gc.freeze() is meant for — and the collector runs again for whatever the command does
+    next (a chat, a long generation). Does nothing unless :func:`pause_gc` paused it."""
+    global _GC_PAUSED
+    if _GC_PAUSED:
+        gc.freeze()
+        gc.enable()
+        _GC_PAUSED = False
 
 
 def add_model_arguments(p: argparse.ArgumentParser, default: str = "smollm2") -> None:
@@ -49,7 +74,9 @@ def load_model(args: argparse.Namespace):
         if args.threads < 1:
             raise InputError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    return load(args.model, dtype=args.dtype, device=args.device)
+    loaded = load(args.model, dtype=args.dtype, device=args.device)
+    startup_done()
+    return loaded
 
 
 def emit(args: argparse.Namespace, view, render, png=None) -> int:

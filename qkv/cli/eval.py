@@ -18,7 +18,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..errors import InputError
     from ..train.evaluate import evaluate_run
+    from .common import startup_done
 
+    startup_done()  # torch imported: the collector runs again for an evaluation that may take a while
     if args.limit is not None and args.limit < 1:
         raise InputError(f"--limit must be >= 1, got {args.limit}")
     if args.beam < 1:

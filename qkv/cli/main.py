@@ -11,6 +11,7 @@ import os
 import sys
 
 from ..errors import QkvError
+from .common import pause_gc
 
 SUBCOMMANDS = {
     "explain": "how much a word attends to each word of a sentence in a real model (bar chart, PNG, HTML)",
@@ -99,6 +100,8 @@ def entry() -> None:
     if clean not in ("0", "1"):
         print(f"qkv: error: QKV_CLEAN_EXIT={clean!r} is not 0 or 1; fix: set one of those or unset it", file=sys.stderr)
         sys.exit(2)
+    if _command(argv) in QUICK_EXIT:
+        pause_gc()  # until the model is loaded (startup_done), or to the end of a command that loads none
     code = main(argv)
     if _command(argv) not in QUICK_EXIT or clean == "1":
         sys.exit(code)

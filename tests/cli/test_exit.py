@@ -63,3 +63,39 @@ def test_files_a_quick_command_writes_are_whole(tmp_path):
     assert r.returncode == 0 and "TEARDOWN" not in r.stderr, r.stderr
     assert png.read_bytes().startswith(b"\x89PNG") and png.read_bytes().endswith(b"IEND\xaeB`\x82")
     assert html.read_text(encoding="utf-8").rstrip().endswith("</html>")  # complete, not cut
+
+
+def test_import_qkv_imports_no_torch_and_the_public_names_are_the_functions():
+    """``import qkv`` is light (the command pauses the collector before torch's import: it must come first);
+    the public names resolve on use, and importing the submodules that share two of them never replaces them."""
+    code = ("import sys, qkv; assert 'torch' not in sys.modules, 'torch imported'; "
+            "import qkv.generate.loop, qkv.embed, qkv.load; from qkv import files; "
+            "import inspect; assert all(inspect.isfunction(getattr(qkv, n)) for n in "
+            "('generate', 'embed', 'load', 'capture', 'attention')), [qkv.generate, qkv.embed, qkv.load]; "
+            "assert qkv.nn.attention is qkv.attention and files.__name__ == 'qkv.files'; "
+            "assert set(qkv.__all__) <= set(dir(qkv)); "
+            "print(type(qkv.QkvError).__name__, qkv.AttentionRecord.__name__)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.split() == ["type", "AttentionRecord"], r.stderr
+    r = subprocess.run([sys.executable, "-c", "import qkv; qkv.nope"], capture_output=True, text=True)
+    assert "module 'qkv' has no attribute 'nope'" in r.stderr
+
+
+GC_PROBE = ("import gc, sys; sys.argv = ['qkv', *sys.argv[1:]]; import qkv.cli.common as c; seen = []; "
+            "done = c.startup_done; c.startup_done = lambda: (seen.append((gc.isenabled(), 'torch' in sys.modules)), "
+            "done(), print('AFTER', seen, gc.isenabled(), gc.get_freeze_count() > 100000, file=sys.stderr)); "
+            "from qkv.cli.main import entry; entry()")
+
+
+def test_the_collector_is_paused_for_start_up_then_frozen_out_and_resumed():
+    """A quick command's start-up (torch's import, the model's load) runs with the collector paused; once the
+    model is loaded what exists is frozen and the collector runs again. Called in-process, main() leaves the
+    collector alone (a library's caller decides that)."""
+    import gc
+
+    r = subprocess.run([sys.executable, "-c", GC_PROBE, "explain", "He sat on the river's bank", "--token", "bank"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "AFTER [(False, True)] True True" in r.stderr, r.stderr
+    assert "river's" in r.stdout
+    before = gc.isenabled()
+    assert main(["tokenize", "Hi", "--format", "json"]) == 0 and gc.isenabled() == before
