@@ -142,8 +142,26 @@ def _has_gguf_magic(path: Path) -> bool:
 MAX_ROPE_FACTORS = 1 << 16  # rope_freqs holds head_dim/2 numbers
 
 
-def _load_gguf(name: str, path: Path, dtype: torch.dtype, *, fast: bool = False) -> Loaded:
-    f = read_gguf(path)
+def load_tokenizer(name_or_path: str | Path) -> tuple[str, Tokenizer, ChatTemplate | None]:
+    """(display name, tokenizer, chat template) of a model without its weights, what ``qkv tokenize`` needs: a
+    GGUF's from its metadata, checked as :func:`load` checks them (configuration, tensor table, vocabulary
+    against the embedding) without reading a tensor — 0.1 s and ~0.1 GB instead of a whole float32 model;
+    a directory's through :func:`load`."""
+    name, path = resolve_source(name_or_path)
+    if path.is_file() and (path.suffix.lower() == ".gguf" or _has_gguf_magic(path)):
+        f = read_gguf(path)
+        try:
+            _, tokenizer, template = _gguf_front(f, path)
+        finally:
+            f.close()
+        return name, tokenizer, template
+    loaded = load(path, dtype="float32", device="cpu")
+    return name, loaded.tokenizer, loaded.chat_template
+
+
+def _gguf_front(f, path: Path) -> tuple[LlamaConfig, Tokenizer, ChatTemplate | None]:
+    """A GGUF's configuration, checked against its tensor table before the tokenizer or any tensor is read,
+    then its tokenizer (checked against the embedding's rows) and chat template."""
     meta, source = f.metadata, str(path)
     cfg_dict = gguf_llama_config(meta, source=source)
     cfg_dict["tie_word_embeddings"] = "output.weight" not in f.tensors
@@ -163,7 +181,13 @@ def _load_gguf(name: str, path: Path, dtype: torch.dtype, *, fast: bool = False)
         _vocab_mismatch(len(tokens), cfg.vocab_size, source)
     tokenizer = Tokenizer.from_gguf_metadata(meta, f.field_types, source=source)
     _check_vocab(tokenizer, cfg, source)
-    template = _template(tokenizer, meta.get("tokenizer.chat_template"), "GGUF tokenizer.chat_template")
+    return cfg, tokenizer, _template(tokenizer, meta.get("tokenizer.chat_template"), "GGUF tokenizer.chat_template")
+
+
+def _load_gguf(name: str, path: Path, dtype: torch.dtype, *, fast: bool = False) -> Loaded:
+    f = read_gguf(path)
+    cfg, tokenizer, template = _gguf_front(f, path)
+    meta, source = f.metadata, str(path)
     types = sorted({i.ggml_type for i in f.tensors.values()})
     info = {"file_type": meta.get("general.file_type"), "tensor_types": types}
     if fast and _compact_fits(cfg, f):

@@ -26,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..load import load
+    from ..load import load_tokenizer
     from ..text.inspect import inspect_tokens, render_tokens
 
     text = sys.stdin.read() if args.text == "-" else args.text
@@ -34,13 +34,13 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("the text is empty: give some text to tokenize")
     if args.system and not args.chat:
         raise InputError("--system needs --chat")
-    loaded = load(args.model, dtype="float32", device="cpu")  # only the tokenizer and template are used
-    if args.chat and loaded.chat_template is None:
-        raise InputError(f"{loaded.name} has no chat template; tokenize the plain text (without --chat)")
-    report = inspect_tokens(loaded.tokenizer, text, template=loaded.chat_template if args.chat else None,
-                            chat=args.chat, system=args.system)
+    name, tokenizer, template = load_tokenizer(args.model)  # no weights: only the tokenizer and template are used
+    if args.chat and template is None:
+        raise InputError(f"{name} has no chat template; tokenize the plain text (without --chat)")
+    report = inspect_tokens(tokenizer, text, template=template if args.chat else None, chat=args.chat,
+                            system=args.system)
     if args.format == "json":
-        print(json.dumps({"model": loaded.name, **report.to_dict()}, ensure_ascii=False))
+        print(json.dumps({"model": name, **report.to_dict()}, ensure_ascii=False))
     else:
-        sys.stdout.write(render_tokens(report, model=loaded.name))
+        sys.stdout.write(render_tokens(report, model=name))
     return 0

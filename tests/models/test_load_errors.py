@@ -102,6 +102,25 @@ def test_gguf_missing_and_unknown_tensors_are_named(tiny_base: SimpleNamespace, 
     _fails(unknown, ModelFormatError, "blk.0.attn_mystery.weight")
 
 
+def test_load_tokenizer_checks_a_gguf_as_load_does_without_its_weights(tiny_base: SimpleNamespace,
+                                                                        tiny: SimpleNamespace, tmp_path: Path) -> None:
+    """``qkv tokenize``'s loader: a GGUF's tokenizer and template from its metadata, refused for the same reasons
+    as load() (a tensor table that does not fit the configuration), and the same tokenizer as load()'s."""
+    from qkv.load import load_tokenizer
+
+    missing = tmp_path / "missing.gguf"
+    tiny.write_gguf(missing, tiny_base.model, tiny_base.tok, drop=("blk.1.ffn_down.weight",))
+    with pytest.raises(ModelFormatError, match="model.layers.1.mlp.down_proj.weight"):
+        load_tokenizer(missing)
+    whole = tmp_path / "whole.gguf"
+    tiny.write_gguf(whole, tiny_base.model, tiny_base.tok)
+    name, tok, template = load_tokenizer(whole)
+    loaded = load(whole, dtype="float32", device="cpu")
+    text = "hello world, the bank"
+    assert name == loaded.name and tok.encode(text) == loaded.tokenizer.encode(text)
+    assert tok.vocab_size == loaded.tokenizer.vocab_size and (template is None) == (loaded.chat_template is None)
+
+
 # --- S8: config.json values ---------------------------------------------------------------------------
 
 
