@@ -375,7 +375,9 @@ def main() -> None:
     if args.worker:
         worker(args.worker, args.threads, args.new_tokens, args.paired_reps)
         return
-    if args.main_job:
+    if args.main_job is not None:
+        if args.main_job < 1:
+            ap.error(f"--main-job needs N >= 1 runs, got {args.main_job}")
         print(f"main job `qkv explain \"He sat on the river's bank\" --token bank`, process start to exit: "
               f"{_job_line(main_job(args.main_job, dict(os.environ)))}")
         return
@@ -401,7 +403,7 @@ def main() -> None:
         for engine in ("long", "long-whole"):
             r = run_worker(engine)
             print(r if "skipped" in r else f"{engine}: {r['tokens']} tokens + 16 new, prefill chunk {r['chunk']}: "
-                  f"{r['seconds']:.1f} s, peak {r['above_baseline_mb']:.0f} MiB above `import qkv`")
+                  f"{r['seconds']:.1f} s, peak {r['above_baseline_mb']:.0f} MiB above importing qkv's API")
         return
     loads = run_worker("first-load")
     print("first-load", loads, file=sys.stderr, flush=True)

@@ -23,6 +23,16 @@ import importlib
 import importlib.util
 import sys
 import types
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # what type checkers and IDEs see: the names as they resolve at run time
+    from .embed import embed
+    from .errors import QkvError
+    from .explain.capture import capture, capture_generation
+    from .explain.record import AttentionRecord
+    from .generate import generate
+    from .load import load
+    from .nn.attention import attention, attention_rows
 
 __version__ = "0.1.0"
 
@@ -43,9 +53,9 @@ class _Package(types.ModuleType):
     def __getattr__(self, name: str):  # only for names not (yet) in the module's dict
         if name in _PUBLIC:
             value = getattr(importlib.import_module(_PUBLIC[name], __name__), name)
-        elif not name.startswith("__") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        elif name.isidentifier() and not name.startswith("__") and _is_submodule(name):
             value = importlib.import_module(f".{name}", __name__)  # `import qkv; qkv.nn...`, as when all was eager
-        else:
+        else:  # what hasattr() probes expect: AttributeError, never an import error
             raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
         self.__dict__[name] = value
         return value
@@ -59,6 +69,13 @@ class _Package(types.ModuleType):
 
     def __dir__(self):
         return sorted(set(super().__dir__()) | set(_PUBLIC))
+
+
+def _is_submodule(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(f"{__name__}.{name}") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 sys.modules[__name__].__class__ = _Package

@@ -19,6 +19,14 @@ def pause_gc() -> None:
         _GC_PAUSED = True
 
 
+def resume_gc() -> None:
+    """The collector as it was, nothing frozen: for a command that ends in an error before its start-up did."""
+    global _GC_PAUSED
+    if _GC_PAUSED:
+        gc.enable()
+        _GC_PAUSED = False
+
+
 def startup_done() -> None:
     """After the start-up (imports, the model's load): what exists now is frozen — never examined again by
     the collector, as gc.freeze() is meant for — and the collector runs again for whatever the command does

@@ -6,12 +6,13 @@ Errors a user can fix (every ``QkvError``) print one line — ``qkv: error: …`
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import os
 import sys
 
 from ..errors import QkvError
-from .common import pause_gc
+from .common import pause_gc, resume_gc
 
 SUBCOMMANDS = {
     "explain": "how much a word attends to each word of a sentence in a real model (bar chart, PNG, HTML)",
@@ -101,9 +102,14 @@ def entry() -> None:
         print(f"qkv: error: QKV_CLEAN_EXIT={clean!r} is not 0 or 1; fix: set one of those or unset it", file=sys.stderr)
         sys.exit(2)
     if _command(argv) in QUICK_EXIT:
-        pause_gc()  # until the model is loaded (startup_done), or to the end of a command that loads none
-    code = main(argv)
+        pause_gc()  # until the model (or tokenizer) is loaded: startup_done; a command that loads none is short
+    try:
+        code = main(argv)
+    except BaseException:  # argparse's exit, an unexpected error: leave the collector as it was
+        resume_gc()
+        raise
     if _command(argv) not in QUICK_EXIT or clean == "1":
+        gc.unfreeze()  # an ordinary shutdown: the frozen start-up objects are the collector's again
         sys.exit(code)
     import logging
 

@@ -28,6 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..load import load_tokenizer
     from ..text.inspect import inspect_tokens, render_tokens
+    from .common import startup_done
 
     text = sys.stdin.read() if args.text == "-" else args.text
     if not text:
@@ -35,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
     if args.system and not args.chat:
         raise InputError("--system needs --chat")
     name, tokenizer, template = load_tokenizer(args.model)  # no weights: only the tokenizer and template are used
+    startup_done()
     if args.chat and template is None:
         raise InputError(f"{name} has no chat template; tokenize the plain text (without --chat)")
     report = inspect_tokens(tokenizer, text, template=template if args.chat else None, chat=args.chat,

@@ -74,6 +74,7 @@ def test_import_qkv_imports_no_torch_and_the_public_names_are_the_functions():
             "('generate', 'embed', 'load', 'capture', 'attention')), [qkv.generate, qkv.embed, qkv.load]; "
             "assert qkv.nn.attention is qkv.attention and files.__name__ == 'qkv.files'; "
             "assert set(qkv.__all__) <= set(dir(qkv)); "
+            "assert not hasattr(qkv, 'x.y') and not hasattr(qkv, '_nope') and not hasattr(qkv, '__wrapped__'); "
             "print(type(qkv.QkvError).__name__, qkv.AttentionRecord.__name__)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.split() == ["type", "AttentionRecord"], r.stderr
