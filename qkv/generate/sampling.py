@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..errors import InputError
@@ -74,7 +75,10 @@ def _num(v) -> bool:
 def check_finite(logits: torch.Tensor, step: int) -> None:
     """NaN or +inf logits, or a row with no finite logit, mean the model broke: say so with the step,
     never sample from them (argmax of an all -inf row is token 0, which may well be EOS)."""
-    if bool(torch.isfinite(logits).all()):  # the usual case, in one pass: nothing to look into
+    # The usual case, from one number: a NaN or an infinity among the logits makes their sum NaN or infinite.
+    # A sum that is not finite (that, or finite logits so large that adding them overflows) is looked into.
+    # (torch.isfinite(logits).all() is ~120 us at 49k logits; the sum ~20 us, a step is ~10 ms.)
+    if bool(torch.isfinite(logits.sum())):
         return
     bad = torch.isnan(logits) | (logits == float("inf"))
     if bool(bad.any()):
@@ -120,6 +124,14 @@ def filter_logits(logits: torch.Tensor, opts: SamplingOptions) -> torch.Tensor:
     return x
 
 
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """(B, V) finite logits -> (B,) the index of each row's largest, the first of equal ones (as
+    ``torch.argmax``). On the CPU through NumPy's argmax: ~6 us at 49k logits against torch's ~100 us."""
+    if logits.device.type == "cpu":
+        return torch.from_numpy(np.asarray(np.argmax(logits.detach().numpy(), axis=-1), dtype=np.int64))
+    return logits.argmax(dim=-1)
+
+
 def sample(logits: torch.Tensor, opts: SamplingOptions, generator: torch.Generator, *,
            context: torch.Tensor | None = None, step: int = 0) -> torch.Tensor:
     """Next token ids (B,) from logits (B, V)."""
@@ -129,7 +141,7 @@ def sample(logits: torch.Tensor, opts: SamplingOptions, generator: torch.Generat
         logits = apply_repetition_penalty(logits, context, opts.repetition_penalty)
         _check_choosable(logits, step, f"repetition_penalty {opts.repetition_penalty:g} pushed every logit to -inf")
     if opts.greedy:
-        return logits.argmax(dim=-1)
+        return greedy(logits)
     x = filter_logits(logits, opts)
     if bool((x == float("inf")).any()) or bool(torch.isnan(x).any()):
         raise InputError(f"temperature {opts.temperature:g} overflows the logits at generation step {step}; "

@@ -290,6 +290,8 @@ class CompactEmbedding(nn.Module):
         if p is not None:
             return F.embedding(ids, p)
         flat = ids.reshape(-1)
+        if flat.numel() == 1:  # a decode step's one token: no need to find the distinct ids
+            return self._rows_fn(flat).view(*ids.shape, self.embedding_dim)
         uniq, inv = torch.unique(flat, return_inverse=True)
         return self._rows_fn(uniq)[inv].view(*ids.shape, self.embedding_dim)
 

@@ -42,6 +42,38 @@ def test_greedy_is_argmax_and_ignores_the_generator():
     assert torch.equal(out, logits.argmax(-1))
 
 
+def test_greedy_takes_the_first_of_equal_largest_logits_like_a_loop():
+    """Greedy decoding on the CPU goes through NumPy's argmax: the first index of the largest value in each row,
+    held to a plain loop on ties, on a SmolLM2-sized row, on strided and bfloat16 logits."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randint(-3, 4, (6, 49152), generator=g).float()  # many ties for the largest value
+    logits[2, 40000:] = 9.0
+    want = [max(range(row.numel()), key=lambda i, r=row.tolist(): (r[i], -i)) for row in logits]
+    opts = SamplingOptions(temperature=0)
+    assert sample(logits, opts, g).tolist() == want
+    assert sample(logits.t().contiguous().t(), opts, g).tolist() == want  # a transposed copy: strided rows
+    assert sample(logits.bfloat16(), opts, g).tolist() == want
+
+
+def test_the_finite_check_looks_into_every_sum_that_is_not_finite():
+    """The logits' sum decides the usual case; finite logits whose sum overflows, and a -inf logit, are still
+    accepted (looked at one by one), a NaN or +inf anywhere is still refused."""
+    opts, g = SamplingOptions(temperature=0), torch.Generator()
+    huge = torch.full((1, 8), 3e38)  # finite, but their sum is +inf
+    huge[0, 5] = 3.1e38
+    assert int(sample(huge, opts, g)) == 5
+    some = torch.zeros(1, 8)
+    some[0, 0], some[0, 6] = float("-inf"), 1.0
+    assert int(sample(some, opts, g)) == 6
+    for bad in (float("nan"), float("inf")):
+        both = huge.clone()
+        both[0, 2] = bad
+        with pytest.raises(InputError, match="non-finite logits"):
+            sample(both, opts, g)
+    with pytest.raises(InputError, match="-inf for every token"):
+        sample(torch.full((1, 8), float("-inf")), opts, g)
+
+
 def ref_probs(logits, t, k, p, m):
     """Independent loop version of temperature -> top-k -> top-p -> min-p on one row."""
     x = [v / t for v in logits.tolist()]
