@@ -43,8 +43,7 @@ _PUBLIC = {
     "AttentionRecord": ".explain.record", "QkvError": ".errors",
 }
 
-__all__ = ["attention", "attention_rows", "load", "generate", "embed", "capture", "capture_generation",
-           "AttentionRecord", "QkvError", "__version__"]
+__all__ = [*_PUBLIC, "__version__"]
 
 
 class _Package(types.ModuleType):

@@ -122,13 +122,18 @@ def load(name_or_path: str | Path, *, dtype: str | torch.dtype = "auto", device:
         loaded = _load_run_dir(name, path, dt)
     elif path.is_dir():
         loaded = _load_hf_dir(name, path, dt)
-    elif path.suffix.lower() == ".gguf" or _has_gguf_magic(path):
+    elif _is_gguf(path):
         loaded = _load_gguf(name, path, dt, fast=fast)
     else:
         raise ModelFormatError(f"{path}: neither a .gguf file nor a model directory")
     loaded.model.to(dev).eval()
     loaded.info["load_seconds"] = round(time.perf_counter() - start, 3)
     return loaded
+
+
+def _is_gguf(path: Path) -> bool:
+    """A file named .gguf, or one that starts with the GGUF magic (the directories are told apart first)."""
+    return path.suffix.lower() == ".gguf" or _has_gguf_magic(path)
 
 
 def _has_gguf_magic(path: Path) -> bool:
@@ -148,7 +153,7 @@ def load_tokenizer(name_or_path: str | Path) -> tuple[str, Tokenizer, ChatTempla
     against the embedding) without reading a tensor — 0.1 s and ~0.1 GB instead of a whole float32 model;
     a directory's through :func:`load`."""
     name, path = resolve_source(name_or_path)
-    if path.is_file() and (path.suffix.lower() == ".gguf" or _has_gguf_magic(path)):
+    if path.is_file() and _is_gguf(path):
         f = read_gguf(path)
         try:
             _, tokenizer, template = _gguf_front(f, path)

@@ -127,7 +127,7 @@ def filter_logits(logits: torch.Tensor, opts: SamplingOptions) -> torch.Tensor:
 def greedy(logits: torch.Tensor) -> torch.Tensor:
     """(B, V) finite logits -> (B,) the index of each row's largest, the first of equal ones (as
     ``torch.argmax``). On the CPU through NumPy's argmax: ~6 us at 49k logits against torch's ~100 us."""
-    if logits.device.type == "cpu":
+    if logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.float64):
         return torch.from_numpy(np.asarray(np.argmax(logits.detach().numpy(), axis=-1), dtype=np.int64))
     return logits.argmax(dim=-1)
 

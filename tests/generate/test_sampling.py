@@ -53,6 +53,8 @@ def test_greedy_takes_the_first_of_equal_largest_logits_like_a_loop():
     assert sample(logits, opts, g).tolist() == want
     assert sample(logits.t().contiguous().t(), opts, g).tolist() == want  # a transposed copy: strided rows
     assert sample(logits.bfloat16(), opts, g).tolist() == want
+    from qkv.generate.sampling import greedy
+    assert greedy(logits.bfloat16()).tolist() == want  # called directly: dtypes NumPy lacks go through torch
 
 
 def test_the_finite_check_looks_into_every_sum_that_is_not_finite():

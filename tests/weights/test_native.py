@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import platform
 from pathlib import Path
 
 import pytest
@@ -204,6 +205,8 @@ def test_the_library_covers_every_kind_the_eager_dequantiser_has():
     assert set(native.KINDS) == set(TORCH_DEQUANT)
 
 
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"),
+                    reason="-march=x86-64 (the baseline without AVX2) is an x86 compiler flag")
 def test_the_portable_loop_without_avx2_is_bitwise_too(tmp_path, monkeypatch):
     """The same source built for a baseline x86-64 CPU (no AVX2: the scalar loop the compiler vectorises as it
     can) — the path a CPU without AVX2 would run — against the eager dequantiser, every kind and dtype."""
