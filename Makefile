@@ -19,12 +19,13 @@ $(STAMP): pyproject.toml Makefile
 # Debian's chromium drives the HTML explorer's browser tests (Playwright uses it; never `playwright install`)
 	@if [ ! -x /usr/bin/chromium ] && [ "$$(id -u)" = 0 ]; then apt-get update && apt-get install -y chromium; \
 	elif [ ! -x /usr/bin/chromium ]; then echo "note: install Debian's chromium (as root: apt-get install -y chromium) for tests/explain/test_browser.py"; fi
-# a C++ compiler for `qkv compile` (AOTInductor, the native dequantiser) and tests/models/test_compiled.py,
-# tests/weights/test_native.py; Debian's images have g++
+# a C++ compiler for `qkv compile` (AOTInductor, the native dequantiser and 4-bit operator) and
+# tests/models/test_compiled.py, tests/weights/test_native.py, tests/weights/test_q4mv.py; Debian's images have g++
 	@if ! command -v g++ >/dev/null && [ "$$(id -u)" = 0 ]; then apt-get update && apt-get install -y g++; \
 	elif ! command -v g++ >/dev/null; then echo "note: install a C++ compiler (as root: apt-get install -y g++) for qkv compile"; fi
-# the native dequantiser of long prompts and exact analyses (qkv explain), built for this CPU into the cache (~1 s)
-	@if command -v "$${CXX:-g++}" >/dev/null || command -v c++ >/dev/null; then $(BIN)/qkv compile --dequantizer-only || echo "note: qkv compile --dequantizer-only failed; prompts dequantise in eager"; fi
+# the native dequantiser of long prompts and exact analyses (qkv explain) and the 4-bit operator AVX2 CPUs
+# decode with, built for this CPU into the cache (~12 s)
+	@if command -v "$${CXX:-g++}" >/dev/null || command -v c++ >/dev/null; then $(BIN)/qkv compile --native-only || echo "note: qkv compile --native-only failed; prompts dequantise in eager, decoding uses torch's int4 kernel"; fi
 	touch $(STAMP)
 
 # qkv's bytecode, written ahead (the environment may set PYTHONDONTWRITEBYTECODE, and an editable install is

@@ -251,16 +251,23 @@ def long_prompt(n: int = 8000, new_tokens: int = 16) -> dict:
             "above_baseline_mb": peak_rss_mb() - BASELINE["mb"]}
 
 
+def build_native() -> dict:
+    """``qkv compile``'s C++ builds, timed, into the benchmark's cache, before anything loads the model: the native
+    dequantiser of prompts and the native 4-bit operator (a model on an AVX2 CPU decodes with it, and its compact
+    cache holds that operator's blocks)."""
+    from qkv.weights import matvec, native
+
+    return {"native_s": native.build(force=True), "q4_operator_s": matvec.build(force=True),
+            "decodes_with": matvec.kernel()}
+
+
 def compile_step() -> dict:
-    """``qkv compile``'s builds, timed, into the benchmark's cache: the decode step (export + AOTInductor) and the
-    native dequantiser of prompts (g++)."""
+    """``qkv compile``'s decode step (export + AOTInductor), timed, into the benchmark's cache."""
     import qkv
     from qkv.models import compiled
-    from qkv.weights import native
 
     d = compiled.build(qkv.load("smollm2").model, force=True)
-    return {"compile_s": d["compile_seconds"], "native_s": native.build(force=True), "package_mb": d["bytes"] / 2**20,
-            "self_check": d["self_check"]}
+    return {"compile_s": d["compile_seconds"], "package_mb": d["bytes"] / 2**20, "self_check": d["self_check"]}
 
 
 def accuracy(n_ppl: int = 2048) -> dict:
@@ -325,9 +332,10 @@ def worker(engine: str, threads: int, new_tokens: int, reps: int) -> None:
 
     torch.set_num_threads(threads)
     march = os.environ.get("BENCH_NATIVE_MARCH")  # the AVX2 stand-in: the native dequantiser built for that CPU
-    if march:
-        from qkv.weights import native
-        native.FLAGS = tuple(f"-march={march}" if f == "-march=native" else f for f in native.FLAGS)
+    if march:  # (and the native 4-bit operator)
+        from qkv.weights import matvec, native
+        for mod in (native, matvec):
+            mod.FLAGS = tuple(f"-march={march}" if f == "-march=native" else f for f in mod.FLAGS)
     if engine == "first-load":
         res = first_load()
     elif engine == "accuracy":
@@ -336,6 +344,8 @@ def worker(engine: str, threads: int, new_tokens: int, reps: int) -> None:
         res = paired_prefill(engine.split(":", 1)[1].split(","), reps)
     elif engine == "compile":
         res = compile_step()
+    elif engine == "native":
+        res = build_native()
     elif engine.startswith("long"):
         if engine == "long-whole":
             from qkv.generate import loop
@@ -405,6 +415,8 @@ def main() -> None:
             print(r if "skipped" in r else f"{engine}: {r['tokens']} tokens + 16 new, prefill chunk {r['chunk']}: "
                   f"{r['seconds']:.1f} s, peak {r['above_baseline_mb']:.0f} MiB above importing qkv's API")
         return
+    natives = run_worker("native")
+    print("native", natives, file=sys.stderr, flush=True)
     loads = run_worker("first-load")
     print("first-load", loads, file=sys.stderr, flush=True)
     built = run_worker("compile")
@@ -432,9 +444,14 @@ def main() -> None:
         print(f"compiled decode step: not built ({built['skipped']}); qkv-auto ran the eager step")
     else:
         print(f"`qkv compile` (once per model shape, torch build and CPU): the decode step (torch.export + AOTInductor) "
-              f"{built['compile_s']:.1f} s, {built['package_mb']:.1f} MiB package, and the prompts' native dequantiser (g++) "
-              f"{built['native_s']:.1f} s; the step's self-check against the "
+              f"{built['compile_s']:.1f} s, {built['package_mb']:.1f} MiB package; the step's self-check against the "
               f"eager step: largest difference {built['self_check']:.2g} of the logits' and cache writes' size")
+    if "skipped" in natives:
+        print(f"native libraries: not built ({natives['skipped']})")
+    else:
+        print(f"native libraries (g++): the prompts' dequantiser {natives['native_s']:.1f} s, the 4-bit operator "
+              f"{natives['q4_operator_s']:.1f} s; one-token steps decode with "
+              f"{'the native operator' if natives['decodes_with'] == 'native' else 'torch int4'} on this machine")
     paired = [e for e in args.engines if e in PAIRED]
     if args.paired_reps > 0 and "transformers" in paired and len(paired) > 1:
         res = run_worker("paired:" + ",".join(paired))

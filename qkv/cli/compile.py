@@ -1,8 +1,9 @@
-"""``qkv compile`` — build, for this machine, the compiled decode step of a model (AOTInductor) and the native
-dequantiser its prompts and exact analyses use (C++); both cached.
+"""``qkv compile`` — build, for this machine, the compiled decode step of a model (AOTInductor), the native
+dequantiser its prompts and exact analyses use and the native 4-bit operator its decoding uses on AVX2 CPUs
+(C++); all cached.
 
 Generation, long prompts and exact analyses use them from then on (``QKV_COMPILE=auto``, the default); see
-qkv.models.compiled and qkv.weights.native.
+qkv.models.compiled, qkv.weights.native and qkv.weights.matvec.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dequantizer-only", action="store_true",
                    help="build only the native dequantiser (about a second; no model is loaded): what long prompts "
                         "and the exact analyses (explain) use; make setup runs this")
+    p.add_argument("--native-only", action="store_true",
+                   help="build only the native libraries (no model is loaded): the dequantiser and the 4-bit "
+                        "operator AVX2 CPUs decode with (~12 s); make setup runs this")
     p.add_argument("--format", choices=["text", "json"], default="text")
 
 
@@ -39,10 +43,13 @@ def run(args: argparse.Namespace) -> int:
     if args.name:
         args.model = args.name
     wanted = dict.fromkeys((torch.float32, prompt_dtype()))  # exact analyses', prompts'
-    if args.dequantizer_only:
+    if args.dequantizer_only or args.native_only:
+        flag = "--native-only" if args.native_only else "--dequantizer-only"
         if args.model != "smollm2":
-            raise InputError(f"--dequantizer-only builds no model's step: give no model (got {args.model!r})")
+            raise InputError(f"{flag} builds no model's step: give no model (got {args.model!r})")
         d = _build_native(args, sorted(native.KINDS), wanted)
+        if args.native_only:
+            d.update(_build_matvec(args))
         if args.format == "json":
             print(json.dumps(d))
         else:
@@ -50,12 +57,14 @@ def run(args: argparse.Namespace) -> int:
         return _dequantizer_code(d, off)
     if args.steps < 0:
         raise InputError(f"--steps must be >= 0, got {args.steps}")
+    q4 = _build_matvec(args)  # before the load: a model on an AVX2 CPU decodes with it, and its step calls it
     model = load_model(args).model
     context = model.config.max_position_embeddings
     if args.steps + 4 > context:
         raise InputError(f"--steps {args.steps} does not fit {args.model}'s context of {context} positions; "
                          f"give at most {context - 4}")
     d = compiled.build(model, force=args.force)
+    d.update(q4)
     d.update(_build_native(args, getattr(model, "compact_block_types", ()), wanted))
     if args.steps:
         d["step_ms"] = compiled.step_times(model, args.steps)
@@ -87,16 +96,36 @@ def _build_native(args, types, dtypes) -> dict:
             "dequantizers": native.status(types, dtypes)}
 
 
+def _build_matvec(args) -> dict:
+    """The native 4-bit operator built (unless cached), whether it passes its check, and which kernel decodes."""
+    from ..models.compiled import compiling
+    from ..weights import matvec
+
+    seconds = compiling(matvec.WHAT, lambda: matvec.build(force=args.force), fallback=matvec.MEANWHILE)
+    found = matvec.library_path()
+    return {"q4_operator": {"path": str(found) if found else None, "built": seconds is not None,
+                            "compile_seconds": seconds, "passes_check": matvec.available(),
+                            "decodes_with": matvec.kernel()}}
+
+
 def _dequantizer_code(d: dict, off: bool) -> int:
-    """1 where a kind of the dequantiser is built but not used (it failed its bitwise check): prompts run, in
-    eager, but a script should know."""
-    return 1 if not off and not all(d["dequantizers"].values()) else 0
+    """1 where a kind of the dequantiser (or the 4-bit operator) is built but not used (it failed its check):
+    everything runs, on the other kernels, but a script should know."""
+    q4 = d.get("q4_operator")
+    return 1 if not off and (not all(d["dequantizers"].values()) or (q4 and not q4["passes_check"])) else 0
 
 
 def _report_native(d: dict, off: bool) -> None:
     seconds = d["dequantizer"]["compile_seconds"]
     print(f"native dequantiser: {d['dequantizer']['path']} "
           f"({'cached' if seconds is None else f'built in {seconds:.1f} s'})")
+    q4 = d.get("q4_operator")
+    if q4:
+        seconds = q4["compile_seconds"]
+        state = "off (QKV_COMPILE=0)" if off else "checked" if q4["passes_check"] else "NOT used (failed its check)"
+        print(f"native 4-bit operator: {q4['path']} ({'cached' if seconds is None else f'built in {seconds:.1f} s'}; "
+              f"{state}); one-token steps decode with {'it' if q4['decodes_with'] == 'native' else 'torch int4'} "
+              "(QKV_INT4_KERNEL)")
     if d["dequantizers"]:
         print("  for prompts and exact analyses (checked bitwise against the eager one): " + ", ".join(
             f"{name} {'in use' if ok else 'off (QKV_COMPILE=0)' if off else 'NOT used'}"

@@ -105,9 +105,12 @@ class QuantizedLinear(nn.Module):
 
 
 def small_matmul(x2: torch.Tensor, kind: str, group: int, *tensors: torch.Tensor) -> torch.Tensor:
-    """x2 (M, K) -> (M, N) through a compact copy of W: ``int4`` (packed codes, scales and zeros), ``int8``
-    (int8 rows, bfloat16 row scales) or ``half`` (float16 W). The int kernels are vectorised for bfloat16
-    activations only (float32 ones take a scalar path 15-30x slower), so x goes through bfloat16 there."""
+    """x2 (M, K) -> (M, N) through a compact copy of W: ``int4`` (packed codes, scales and zeros), ``q4`` (GGUF
+    blocks; ``group`` is their kind, 0 Q4_0 or 1 Q4_1; qkv's native operator rounds x to int8 per block),
+    ``int8`` (int8 rows, bfloat16 row scales) or ``half`` (float16 W). ATen's int kernels are vectorised for
+    bfloat16 activations only (float32 ones take a scalar path 15-30x slower), so x goes through bfloat16 there."""
+    if kind == "q4":
+        return torch.ops.qkv.q4_mv(x2.float(), tensors[0], group).to(x2.dtype)
     if kind == "int4":
         packed, scales_zeros = tensors
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), packed, group,
@@ -161,6 +164,9 @@ def exact_weights(model: nn.Module):
 # (COMPACT_ROWS_BF16; qkv.weights.compact sets each matrix's small_m for the machine).
 COMPACT_ROWS = 64
 COMPACT_ROWS_BF16 = 40
+# qkv's native 4-bit operator (the ``q4`` kind, AVX2 CPUs) reads each row of W once for all of x's rows but
+# multiplies every pair anew: its crossover with the dequantised prompt measured at 16-24 rows (AVX2 kernels).
+COMPACT_ROWS_Q4 = 16
 
 
 class CompactLinear(QuantizedLinear):
@@ -173,8 +179,10 @@ class CompactLinear(QuantizedLinear):
     dequantisation of each matrix, ~1/10 of its matmul at 512 tokens). Reading ``.weight`` (an analysis
     that looks at the matrix itself) makes it resident, as an ordinary float32 parameter, from then on.
 
-    Kinds: ``int4`` (codes in the int4 kernel's packed layout, bfloat16 scale and zero per group of 32) and
-    ``int8`` (one int8 per weight and a bfloat16 scale per row, ``torch.ops.aten._weight_int8pack_mm``).
+    Kinds: ``int4`` (codes in the int4 kernel's packed layout, bfloat16 scale and zero per group of 32),
+    ``q4`` (the GGUF file's own Q4_0/Q4_1 blocks, multiplied by qkv's native operator ``torch.ops.qkv.q4_mv``;
+    qkv.weights.matvec) and ``int8`` (one int8 per weight and a bfloat16 scale per row,
+    ``torch.ops.aten._weight_int8pack_mm``).
     """
 
     def __init__(self, out_features: int, in_features: int, exact, *, kind: str, small_m: int = COMPACT_ROWS,
@@ -194,6 +202,14 @@ class CompactLinear(QuantizedLinear):
         m = cls(shape[0], shape[1], exact, kind="int4", bias=bias, group=group)
         m.register_buffer("packed", packed, persistent=False)
         m.register_buffer("scales_zeros", scales_zeros, persistent=False)
+        return m
+
+    @classmethod
+    def from_blocks(cls, blocks: torch.Tensor, block_kind: int, exact, *, shape: tuple[int, int],
+                    bias: torch.Tensor | None = None) -> "CompactLinear":
+        """From (N, K / 32 * block bytes) uint8 GGUF blocks of one kind (qkv.weights.matvec.KINDS: 0 Q4_0, 1 Q4_1)."""
+        m = cls(shape[0], shape[1], exact, kind="q4", bias=bias, group=block_kind)
+        m.register_buffer("blocks", blocks, persistent=False)
         return m
 
     @classmethod
@@ -253,6 +269,8 @@ class CompactLinear(QuantizedLinear):
     def compact_operands(self) -> tuple[str, int, tuple[torch.Tensor, ...]]:
         if self.kind == "int8":
             return "int8", 0, (self._buffers["w8"], self._buffers["scales8"])
+        if self.kind == "q4":
+            return "q4", self.group, (self._buffers["blocks"],)
         return super().compact_operands()
 
     def _exact(self, x: torch.Tensor) -> bool:

@@ -2,14 +2,15 @@
 values kept as they are, nothing dequantised to a resident float32 copy.
 
 * Q4_0/Q4_1 matrices: their 4-bit codes re-packed once into the layout of PyTorch's int4 kernel, with a
-  bfloat16 scale and zero per group of 32 (q/k/v and gate/up fused, one matmul each).
+  bfloat16 scale and zero per group of 32 (q/k/v and gate/up fused, one matmul each) — or, where the
+  native 4-bit operator decodes (qkv.weights.matvec: AVX2 CPUs), the file's own blocks, rows in qkv's order.
 * Any other matrix type, and the unembedding whatever its type: int8 per row (symmetric, round to
   nearest) of its exact values, multiplied by ``torch.ops.aten._weight_int8pack_mm``.
 * The embedding: rows dequantised from the mapped file when they are looked up (exact).
 * Norms stay float32 parameters.
 
 One-token decode steps and short prompts (up to ``COMPACT_ROWS`` = 64 tokens, ``COMPACT_ROWS_BF16`` = 40 where
-prompts run in bfloat16) run on the compact copies;
+prompts run in bfloat16, ``COMPACT_ROWS_Q4`` = 16 on the native operator's blocks) run on the compact copies;
 longer prompts and every exact analysis (``qkv.nn.quant.exact_weights``) multiply by the exact float32 weights, dequantised from the mapped
 file for the call. The re-packed tensors are cached on disk (``qkv.weights.cache``) and mapped on later
 loads. The GGUF file stays open (mapped, read-only) for the model's lifetime.
@@ -23,14 +24,16 @@ import warnings
 import torch
 
 from ..errors import ConfigError
-from ..nn.quant import COMPACT_ROWS, COMPACT_ROWS_BF16, CompactEmbedding, CompactLinear, pack_int4
+from ..nn.quant import COMPACT_ROWS, COMPACT_ROWS_BF16, COMPACT_ROWS_Q4, CompactEmbedding, CompactLinear, pack_int4
 from . import cache as disk
 from .convert import gguf_to_rotate_half
 from .int4 import INT4_TYPES, TORCH_DEQUANT, dequantize_into, dequantize_rows, int4_codes
 from .maps import GGUF_ROPE_PERMUTED
+from .matvec import KINDS as Q4_KINDS, kernel as int4_kernel
 from .native import dequantizer
 
 LAYOUT = "llama-compact-2"  # what the cached tensors are; changes when their meaning changes
+LAYOUT_BLOCKS = "llama-compact-blocks-1"  # the same with the native operator's blocks for the 4-bit matrices
 FUSED = {"self_attn": ("qkv_proj", ("q_proj", "k_proj", "v_proj")), "mlp": ("gate_up_proj", ("gate_proj", "up_proj"))}
 SINGLE = (("self_attn", "o_proj"), ("mlp", "down_proj"))
 
@@ -71,6 +74,11 @@ class _Part:
             return dequantize_into(blocks, self.type, rows).view(n, k)
         return out.copy_(dequantize_into(blocks, self.type, torch.empty(rows.shape)).view(n, k))
 
+    def blocks(self) -> torch.Tensor:
+        """(N, K / 32 * block bytes) uint8: the file's blocks, rows in qkv's order."""
+        n = self.shape[0]
+        return self._order(_raw(self.f, self.name).view(n, -1)).contiguous()
+
     def codes(self) -> tuple[torch.Tensor, ...]:
         return tuple(self._order(t) for t in int4_codes(self.f.raw(self.name), self.type, self.shape,
                                                          name=f"{self.f.path}: {self.name}"))
@@ -107,13 +115,20 @@ def _matrices(f, cfg, hf_to_gguf: dict[str, str]) -> dict[str, list[_Part]]:
     return out
 
 
-def _kind(path: str, parts: list[_Part]) -> str:
-    return "int4" if path != "lm_head" and all(p.type in INT4_TYPES for p in parts) else "int8"
+def _kind(path: str, parts: list[_Part], native: bool = False) -> str:
+    """``q4`` (the native operator on the file's blocks: all parts of one 4-bit type), ``int4`` (torch's kernel)
+    or ``int8`` (the unembedding, and matrices of other types)."""
+    if path == "lm_head" or not all(p.type in INT4_TYPES for p in parts):
+        return "int8"
+    return "q4" if native and len({p.type for p in parts}) == 1 else "int4"
 
 
-def _pack(path: str, parts: list[_Part]) -> dict[str, torch.Tensor]:
+def _pack(path: str, parts: list[_Part], native: bool = False) -> dict[str, torch.Tensor]:
     """The compact tensors of one matrix (the slow part of a first load)."""
-    if _kind(path, parts) == "int4":
+    kind = _kind(path, parts, native)
+    if kind == "q4":
+        return {f"{path}.blocks": torch.cat([p.blocks() for p in parts])}
+    if kind == "int4":
         c, s, z = (torch.cat(list(t), dim=0) for t in zip(*(p.codes() for p in parts)))
         packed, sz = pack_int4(c, s, z)
         return {f"{path}.packed": packed, f"{path}.scales_zeros": sz}
@@ -125,13 +140,15 @@ def build(model, f, cfg, hf_to_gguf: dict[str, str], *, use_cache: bool = True) 
     """Swap compact modules into ``model`` (built on the meta device, norms assigned) in place; return facts
     for ``Loaded.info`` (what was made, whether the disk cache was used, and its path)."""
     mats = _matrices(f, cfg, hf_to_gguf)
+    native = int4_kernel() == "native"
+    layout = LAYOUT_BLOCKS if native else LAYOUT
     info: dict = {}
     tensors = None
     path = None
     if use_cache:
         sha = disk.known_sha256(f.path)
-        path = disk.cache_path(sha, LAYOUT)
-        meta = {"gguf_sha256": sha, "layout": LAYOUT}
+        path = disk.cache_path(sha, layout)
+        meta = {"gguf_sha256": sha, "layout": layout}
         try:
             tensors = disk.read(path, meta)
             info["compact_cache"] = f"hit {path}"
@@ -139,13 +156,13 @@ def build(model, f, cfg, hf_to_gguf: dict[str, str], *, use_cache: bool = True) 
             info["compact_cache"] = f"built {path}"
         except (OSError, disk.CacheInvalid) as e:
             info["compact_cache"] = f"rebuilt {path} (the old file was unusable: {e})"
-    if tensors is not None and not _fits(tensors, mats):
+    if tensors is not None and not _fits(tensors, mats, native):
         info["compact_cache"] = f"rebuilt {path} (its tensors do not fit this model)"
         tensors = None
     if tensors is None:
         tensors = {}
         for p, parts in mats.items():
-            tensors.update(_pack(p, parts))
+            tensors.update(_pack(p, parts, native))
         if use_cache:
             try:
                 disk.write(path, tensors, meta)
@@ -155,38 +172,47 @@ def build(model, f, cfg, hf_to_gguf: dict[str, str], *, use_cache: bool = True) 
             info["compact_cache"] = "off"
     # the block types its prompts dequantise (what `qkv compile` reports the native dequantiser for)
     model.compact_block_types = sorted({q.type for parts in mats.values() for q in parts if q.type in TORCH_DEQUANT})
-    kinds = {"int4": 0, "int8": 0}
+    kinds = {"q4": 0, "int4": 0, "int8": 0}
     prompt = prompt_dtype()
     for p, parts in mats.items():
-        kind = _kind(p, parts)
+        kind = _kind(p, parts, native)
         kinds[kind] += len(parts)
         shape = (sum(q.shape[0] for q in parts), parts[0].shape[1])
         exact = _exact_fn(parts)
-        if kind == "int4":
+        if kind == "q4":
+            mod = CompactLinear.from_blocks(tensors[f"{p}.blocks"], Q4_KINDS[parts[0].type], exact, shape=shape)
+        elif kind == "int4":
             mod = CompactLinear.from_int4(tensors[f"{p}.packed"], tensors[f"{p}.scales_zeros"], exact, shape=shape)
         else:
             mod = CompactLinear.from_int8(tensors[f"{p}.w8"], tensors[f"{p}.scales8"], exact)
         mod.prompt_dtype = prompt
-        mod.small_m = COMPACT_ROWS_BF16 if prompt == torch.bfloat16 else COMPACT_ROWS
+        mod.small_m = COMPACT_ROWS_Q4 if kind == "q4" else COMPACT_ROWS_BF16 if prompt == torch.bfloat16 else COMPACT_ROWS
         _place(model, p, mod)
     emb = _Part(f, hf_to_gguf["model.embed_tokens.weight"], None)
     model.model.embed_tokens = CompactEmbedding(emb.shape[0], emb.shape[1], _rows_fn(emb), emb.exact)
     if getattr(cfg, "tie_word_embeddings", False):  # one resident table if either side is read
         model.lm_head._exact_fn = _table_of(model.model.embed_tokens)
         object.__setattr__(model.lm_head, "tie_key", model.model.embed_tokens)  # qkv info shows the tie (not a child)
-    info["decode_weights"] = (f"{kinds['int4']} matrices int4, {kinds['int8']} int8 (unembedding per-row int8); "
+    four = [f"{kinds['q4']} matrices int4 as the file's blocks (qkv's native operator, int8 activations)"] \
+        if kinds["q4"] else []
+    if kinds["int4"] or not four:
+        four.append(f"{kinds['int4']} matrices int4")
+    info["decode_weights"] = (f"{', '.join(four)}, {kinds['int8']} int8 (unembedding per-row int8); "
                               "embedding rows read from the file; prompts on the weights dequantised per call "
                               f"({str(prompt).removeprefix('torch.')}); analyses on the exact float32 weights")
     info["prompt_dtype"] = str(prompt).removeprefix("torch.")
     return info
 
 
-def _fits(tensors: dict[str, torch.Tensor], mats: dict[str, list[_Part]]) -> bool:
+def _fits(tensors: dict[str, torch.Tensor], mats: dict[str, list[_Part]], native: bool = False) -> bool:
     """Every tensor the model needs is there, with the dtype and the N/K dimensions it must have."""
     want = set()
     for p, parts in mats.items():
         n, k = sum(q.shape[0] for q in parts), parts[0].shape[1]
-        if _kind(p, parts) == "int4":
+        kind = _kind(p, parts, native)
+        if kind == "q4":
+            checks = {f"{p}.blocks": (torch.uint8, (n, k // 32 * INT4_TYPES[parts[0].type]))}
+        elif kind == "int4":
             checks = {f"{p}.packed": (None, n), f"{p}.scales_zeros": (torch.bfloat16, (k // 32, n, 2))}
         else:
             checks = {f"{p}.w8": (torch.int8, (n, k)), f"{p}.scales8": (torch.bfloat16, (n,))}

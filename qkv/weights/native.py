@@ -50,6 +50,8 @@ KINDS = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2}  # dequant.cpp's kind numbers; bytes p
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 CHECK_BLOCKS = 4096
 BUILD_SECONDS = 300  # a compiler that takes longer than this is stuck
+WHAT = "native dequantiser"
+LINK = ("-l", "-L", "-Wl,")  # options that go after the source
 
 _LOCK = threading.RLock()  # build() may run under a lookup (QKV_COMPILE=1)
 _FOUND: dict = {}  # (file stem, QKV_COMPILE) -> the verified library file, or None (none); cleared by build()
@@ -62,14 +64,14 @@ def compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 
 
-def _stem() -> Path | None:
-    """``<cache>/native/dequant-<key>``: the library's name for this source, compiler, these flags and this CPU;
-    the file is ``<stem>-<digest>.so``, ``digest`` the start of its own SHA-256 (checked before it is loaded:
-    loading a truncated library would crash the process, not raise). None when the source is not installed or
-    there is no cache folder."""
+def _stem(source: Path | None = None, flags: tuple | None = None) -> Path | None:
+    """``<cache>/native/<source's stem>-<key>`` (``dequant-<key>`` for this module's library): the library's name
+    for this source, compiler, these flags and this CPU; the file is ``<stem>-<digest>.so``, ``digest`` the
+    start of its own SHA-256 (checked before it is loaded: loading a truncated library would crash the
+    process, not raise). None when the source is not installed or there is no cache folder."""
     env = os.environ
     return _stem_for(env.get("QKV_CACHE_DIR"), env.get("XDG_CACHE_HOME"), env.get("HOME"), env.get("CXX"),
-                     env.get("PATH"), SOURCE, FLAGS)
+                     env.get("PATH"), source or SOURCE, flags or FLAGS)
 
 
 @functools.cache
@@ -84,17 +86,17 @@ def _stem_for(*what) -> Path | None:  # a prompt asks once per matrix part: reme
     except RuntimeError:  # no home folder and no cache folder named: nothing is cached
         return None
     key = hashlib.sha256(code + "\0".join([*flags, str(compiler()), cpu_flags()]).encode()).hexdigest()[:24]
-    return root / "native" / f"dequant-{key}"
+    return root / "native" / f"{source.stem}-{key}"
 
 
 def _file_name(stem: Path, data: bytes) -> str:
     return f"{stem.name}-{hashlib.sha256(data).hexdigest()[:16]}.so"
 
 
-def library_path() -> Path | None:
-    """The cached library for this source, these flags and this CPU, if one is there whole; a file whose
-    contents do not match its name is deleted (one line on stderr)."""
-    stem = _stem()
+def library_path(source: Path | None = None, flags: tuple | None = None, what: str = WHAT) -> Path | None:
+    """The cached library for this source (the dequantiser's unless given), these flags and this CPU, if one is
+    there whole; a file whose contents do not match its name is deleted (one line on stderr)."""
+    stem = _stem(source, flags)
     if stem is None:
         return None
     try:
@@ -108,39 +110,43 @@ def library_path() -> Path | None:
             whole = False
         if whole:
             return path
-        print(f"qkv: the native dequantiser {path} is damaged (its contents do not match its name); "
+        print(f"qkv: the {what} {path} is damaged (its contents do not match its name); "
               f"{_delete(path)}", file=sys.stderr)
     return None
 
 
-def build(*, force: bool = False) -> float | None:
-    """Compile the library into the cache unless it is there (or ``force``); the seconds it took, or None
-    when it was cached. ConfigError (one line) with no compiler or a failed compile; OSError where the
-    cache folder cannot be written. Written under a temporary name, then renamed to its digest's name."""
-    if not force and library_path() is not None:
+def build(*, force: bool = False, source: Path | None = None, flags: tuple | None = None, what: str = WHAT,
+          meanwhile: str = "prompts dequantise in eager meanwhile") -> float | None:
+    """Compile the library (the dequantiser's unless ``source`` and its ``flags`` are given) into the cache
+    unless it is there (or ``force``); the seconds it took, or None when it was cached. ConfigError (one
+    line) with no compiler or a failed compile; OSError where the cache folder cannot be written. Written
+    under a temporary name, then renamed to its digest's name."""
+    source, flags = source or SOURCE, flags or FLAGS
+    if not force and library_path(source, flags, what) is not None:
         return None
     cxx = compiler()
     if cxx is None:
-        raise ConfigError("no C++ compiler for the native dequantiser (g++ or c++, or $CXX); fix: install g++ "
-                          "(make setup does); prompts dequantise in eager meanwhile")
-    stem = _stem()
+        raise ConfigError(f"no C++ compiler for the {what} (g++ or c++, or $CXX); fix: install g++ "
+                          f"(make setup does); {meanwhile}")
+    stem = _stem(source, flags)
     if stem is None:
-        raise ConfigError(f"{SOURCE} is missing from this installation of qkv; fix: reinstall qkv (pip install -e .) "
-                          "— prompts dequantise in eager meanwhile")
+        raise ConfigError(f"{source} is missing from this installation of qkv; fix: reinstall qkv (pip install -e .) "
+                          f"— {meanwhile}")
     t0 = time.perf_counter()
     stem.parent.mkdir(parents=True, exist_ok=True)
     sweep_temporaries(stem.parent)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".so", dir=stem.parent)  # never matched as a library
     os.close(fd)
     try:
-        try:
-            done = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True,
-                                  errors="replace", timeout=BUILD_SECONDS)
+        try:  # the linker's options (a library's -l) go after the source
+            args = [a for a in flags if not a.startswith(LINK)]
+            done = subprocess.run([cxx, *args, str(source), "-o", tmp, *[a for a in flags if a.startswith(LINK)]],
+                                  capture_output=True, text=True, errors="replace", timeout=BUILD_SECONDS)
         except (OSError, subprocess.TimeoutExpired) as e:
             raise ConfigError(f"could not run the C++ compiler {cxx} ({one_line(str(e), 200)}); fix: install "
                               "g++ or set CXX to a working compiler") from None
         if done.returncode != 0:
-            raise ConfigError(f"{cxx} could not compile {SOURCE.name} ({one_line(done.stderr or done.stdout, 240)}); "
+            raise ConfigError(f"{cxx} could not compile {source.name} ({one_line(done.stderr or done.stdout, 240)}); "
                               "fix: install g++ or set CXX to a working compiler")
         os.replace(tmp, stem.parent / _file_name(stem, Path(tmp).read_bytes()))
     finally:

@@ -1,0 +1,269 @@
+"""The native 4-bit operator (qkv.weights.matvec, q4mv.cpp; torch.ops.qkv.q4_mv): built with the machine's C++
+compiler against the installed torch into a temporary cache, the reference's numbers (the same int8-activation
+arithmetic in float64 sums) for both block kinds, every shape a model has and odd ones, on one and several
+threads; its error against the exact float64 product bounded and printed; non-finite inputs give NaN, never a
+finite guess; bad operands refused in one message; a damaged or disagreeing library never used; the kernel
+choice (QKV_INT4_KERNEL); a model decoding through it close to float32, on the module path and in the compiled
+decode step."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import qkv
+from qkv.errors import ConfigError
+from qkv.weights import matvec
+from qkv.weights.int4 import dequantize_into
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def q4_cache(tmp_path_factory) -> Path:
+    """A cache folder holding the operator's library (built once, ~12 s), loaded into this process."""
+    cache = tmp_path_factory.mktemp("q4mv-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("QKV_CACHE_DIR", str(cache))
+        mp.setenv("QKV_COMPILE", "auto")
+        assert matvec.build() is not None and matvec.build() is None  # cached the second time
+        assert matvec.library_path().parent == cache / "native"
+        assert matvec.available()
+    return cache
+
+
+@pytest.fixture
+def use(q4_cache, monkeypatch) -> Path:
+    monkeypatch.setenv("QKV_CACHE_DIR", str(q4_cache))
+    monkeypatch.setenv("QKV_COMPILE", "auto")  # the suite's default is 0 (tests/conftest.py)
+    monkeypatch.setenv("QKV_INT4_KERNEL", "native")  # whatever this CPU's ATen kernels are
+    return q4_cache
+
+
+def _exact(x: torch.Tensor, blocks: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact product x W^T in float64, and the bound on what rounding x to int8 per block can change in it."""
+    n, k = blocks.shape[0], x.shape[1]
+    w = dequantize_into(blocks.view(-1, matvec.BLOCK_BYTES[matvec.KINDS[name]]), name, torch.empty(n * k // 32, 32))
+    w = w.view(n, k).double()
+    half_step = x.double().abs().view(x.shape[0], -1, 32).amax(-1) / 254  # (M, K/32)
+    return x.double() @ w.t(), half_step @ w.abs().view(n, -1, 32).sum(-1).t()
+
+
+@pytest.mark.parametrize("name", sorted(matvec.KINDS))
+@pytest.mark.parametrize("n,k,m", [(64, 32, 1), (1, 576, 1), (37, 96, 3), (960, 576, 1), (576, 1536, 2), (3072, 576, 1),
+                                   (49, 64, 17)])
+def test_products_are_the_references_and_close_to_the_exact_ones(use, name, n, k, m):
+    kind = matvec.KINDS[name]
+    blocks = matvec.example(name, n, k, seed=n + k)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 3
+    got = matvec.q4_mv(x, blocks, kind)
+    assert got.shape == (m, n) and got.dtype == torch.float32
+    ref, (exact, bound) = matvec.reference(x, blocks, kind), _exact(x, blocks, name)
+    scale = float(exact.abs().max())
+    assert float((got.double() - ref).abs().max()) <= 2e-6 * scale
+    # int8 activations: an approximation, and a bounded one. Rounding moves each x_j by at most half a step,
+    # max|x| / 254 of its block, so |y - exact| <= sum over blocks of that times sum |w_j| (plus float32 sums).
+    diff = (got.double() - exact).abs()
+    assert bool((diff <= bound * (1 + 1e-4) + 1e-5 * scale).all()) and float(diff.max()) > 0
+    print(f"{name} {n}x{k}, {m} rows: largest error {float(diff.max()) / scale:.2e} of the largest exact output, "
+          f"{float((diff / bound).max()):.2f} of the rounding's bound")
+    threads = torch.get_num_threads()
+    try:  # one thread: the same numbers (rows are split among threads, each row summed in order)
+        torch.set_num_threads(1)
+        assert torch.equal(matvec.q4_mv(x, blocks, kind), got)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_the_error_is_the_int8_rounding_of_the_activations(use):
+    """Activations that int8 represents exactly (integers up to 127 in each block with its largest at 127) give
+    the exact product up to float32 sums."""
+    blocks = matvec.example("Q4_1", 64, 256, seed=2)
+    x = torch.randint(-127, 128, (2, 256), generator=torch.Generator().manual_seed(2)).float()
+    x.view(2, -1, 32)[:, :, 0] = 127
+    exact, _ = _exact(x, blocks, "Q4_1")
+    assert float((matvec.q4_mv(x, blocks, 1).double() - exact).abs().max()) <= 1e-5 * float(exact.abs().max())
+
+
+def test_zero_and_non_finite_activations(use):
+    blocks = matvec.example("Q4_0", 8, 96, seed=4)
+    assert torch.equal(matvec.q4_mv(torch.zeros(2, 96), blocks, 0), torch.zeros(2, 8))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = torch.randn(3, 96)
+        x[1, 40] = bad  # one value of the second row's second block
+        y = matvec.q4_mv(x, blocks, 0)
+        assert y[1].isnan().all() and torch.isfinite(y[[0, 2]]).all(), bad
+
+
+def test_bad_operands_are_one_message_not_a_crash(use):
+    blocks = matvec.example("Q4_1", 4, 64)
+    cases = [
+        (torch.randn(1, 64).double(), blocks, 1, "float32"),
+        (torch.randn(64), blocks, 1, "2-d"),
+        (torch.randn(1, 96), blocks, 1, "K = 96"),
+        (torch.randn(1, 64), blocks.float(), 1, "uint8"),
+        (torch.randn(1, 64), blocks[:, ::2], 1, "contiguous"),
+        (torch.randn(1, 64), blocks, 2, "kind"),
+        (torch.randn(1, 64), blocks, 0, "K = 64"),  # 20-byte rows are not Q4_0's 18
+    ]
+    for x, b, kind, says in cases:
+        with pytest.raises(RuntimeError, match=says):
+            torch.ops.qkv.q4_mv(x, b, kind)
+    strided = torch.randn(64, 3)[:, 0].reshape(1, 64)  # a strided x is taken
+    assert torch.equal(torch.ops.qkv.q4_mv(strided, blocks, 1), torch.ops.qkv.q4_mv(strided.contiguous(), blocks, 1))
+    assert matvec.q4_mv(torch.randn(0, 64), blocks, 1).shape == (0, 4)
+
+
+def test_a_library_that_disagrees_is_not_used(use, monkeypatch, capsys):
+    monkeypatch.setattr(matvec, "reference", lambda x, blocks, kind: torch.zeros(x.shape[0], blocks.shape[0]).double() + 1)
+    monkeypatch.setattr(matvec, "_STATE", {})
+    assert not matvec.available() and matvec.kernel() == "torch"
+    err = capsys.readouterr().err
+    assert "is not used (its Q4_0 products differ from the reference)" in err
+    assert "QKV_INT4_KERNEL=native, but the native 4-bit matrix-vector op is not available" in err
+
+
+def test_a_damaged_library_is_deleted_unloaded(use, tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "native"
+    folder.mkdir()
+    good = matvec.library_path()
+    bad = folder / good.name  # the right name, other contents: never loaded (loading it could crash the process)
+    bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    monkeypatch.setenv("QKV_CACHE_DIR", str(tmp_path))
+    assert matvec.library_path() is None and not bad.exists()
+    assert "native 4-bit matrix-vector op" in capsys.readouterr().err
+
+
+def test_kernel_choice(use, monkeypatch, capsys):
+    assert matvec.kernel() == "native"
+    monkeypatch.setenv("QKV_INT4_KERNEL", "torch")
+    assert matvec.kernel() == "torch"
+    monkeypatch.setenv("QKV_INT4_KERNEL", "auto")
+    want = "native" if torch.backends.cpu.get_cpu_capability() == "AVX2" else "torch"
+    assert matvec.kernel() == want
+    monkeypatch.setenv("QKV_COMPILE", "0")  # never loads compiled code: torch's kernel
+    monkeypatch.setenv("QKV_INT4_KERNEL", "native")
+    monkeypatch.setattr(matvec, "_STATE", {})
+    assert matvec.kernel() == "torch"
+    monkeypatch.setenv("QKV_INT4_KERNEL", "fast")
+    with pytest.raises(ConfigError, match="QKV_INT4_KERNEL='fast' is not auto, native or torch"):
+        matvec.kernel()
+
+
+def test_auto_decodes_with_it_on_avx2_kernels(q4_cache):
+    """A process whose ATen kernels are AVX2 (ATEN_CPU_CAPABILITY=avx2 stands in for an AVX2-only CPU) chooses
+    it by itself where the library is cached, and torch's kernel with QKV_COMPILE=0."""
+    env = {**os.environ, "QKV_CACHE_DIR": str(q4_cache), "ATEN_CPU_CAPABILITY": "avx2", "QKV_COMPILE": "auto"}
+    env.pop("QKV_INT4_KERNEL", None)
+    code = "from qkv.weights import matvec; print(matvec.kernel())"
+    for compile_mode, want in (("auto", "native"), ("0", "torch")):
+        out = subprocess.run([sys.executable, "-c", code], env={**env, "QKV_COMPILE": compile_mode}, cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout.split()
+        assert out == [want], compile_mode
+
+
+@pytest.fixture(scope="module")
+def native_model(q4_cache):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("QKV_CACHE_DIR", str(q4_cache))
+        mp.setenv("QKV_COMPILE", "auto")
+        mp.setenv("QKV_INT4_KERNEL", "native")
+        return qkv.load("smollm2")
+
+
+def test_smollm2_decodes_through_it_close_to_float32(native_model, smollm2):
+    """The file's blocks are the weights (nothing re-rounded): one-token steps' KL against the float32 model
+    small, greedy tokens equal where float32 is not near a tie, and prompts (exact weights) unchanged."""
+    from qkv.generate import SamplingOptions, generate_ids
+    from qkv.nn.quant import CompactLinear
+
+    m = native_model.model
+    layer = m.model.layers[3]
+    for mod in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
+        assert isinstance(mod, CompactLinear) and mod.kind == "q4" and mod.blocks.dtype == torch.uint8
+    assert "native operator" in native_model.info["decode_weights"]
+    ids = smollm2.tokenizer.encode("The history of science shows that")
+    ref_tokens = list(generate_ids(smollm2.model, ids, SamplingOptions(temperature=0), max_new_tokens=32))
+    seq = torch.tensor([ids + ref_tokens])
+    caches = [x.model.make_cache(1, 64) for x in (smollm2, native_model)]
+    kls, agree, clear = [], 0, 0
+    with torch.inference_mode():
+        for x, c in zip((smollm2, native_model), caches):
+            x.model(seq[:, :len(ids)], cache=c)
+        for i in range(len(ids), seq.shape[1]):
+            ref, got = (x.model(seq[:, i:i + 1], cache=c)[0, -1] for x, c in zip((smollm2, native_model), caches))
+            p, q = torch.log_softmax(ref, -1), torch.log_softmax(got, -1)
+            kls.append(float((p.exp() * (p - q)).sum()))
+            top2 = torch.topk(ref, 2).values
+            if top2[0] - top2[1] > 0.5:
+                clear += 1
+                agree += int(ref.argmax() == got.argmax())
+    print(f"native 4-bit operator: mean KL {sum(kls) / len(kls):.2e}, max {max(kls):.2e}; greedy {agree}/{clear}")
+    assert sum(kls) / len(kls) < 2e-2 and agree == clear
+    got = list(generate_ids(m, ids, SamplingOptions(temperature=0), max_new_tokens=32))
+    print(f"greedy tokens equal to float32's for {next((i for i, (a, b) in enumerate(zip(got, ref_tokens)) if a != b), 32)} of 32")
+
+
+def test_the_compiled_step_calls_it(q4_cache, tmp_path, monkeypatch):
+    """AOTInductor compiles the operator into the decode step (a call through torch's dispatcher): a tiny Q4_1
+    model's package passes its check against the eager step and generates the eager step's tokens."""
+    from qkv.models import compiled
+
+    from tests.models.conftest import random_llama, tiny_tokenizer, write_gguf
+
+    tok = tiny_tokenizer()
+    path = tmp_path / "q41.gguf"
+    write_gguf(path, random_llama(tok, seed=9), tok, weight_type="Q4_1")
+    monkeypatch.setenv("QKV_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "cache" / "native").mkdir(parents=True)
+    shutil.copy(_library_in(q4_cache), tmp_path / "cache" / "native")  # not built again (~12 s)
+    monkeypatch.setenv("QKV_COMPILE", "auto")
+    monkeypatch.setenv("QKV_INT4_KERNEL", "native")
+    model = qkv.load(path).model
+    assert {mod.kind for mod in model.modules() if hasattr(mod, "kind") and mod.kind in ("q4", "int4")} == {"q4"}
+    d = compiled.build(model)
+    assert d["built"] and d["self_check"] <= compiled.TOLERANCE
+    step = compiled.step_for(model)
+    assert step is not None
+    ids = [3, 5, 7]
+
+    def greedy(m, n=12):
+        cache = m.make_cache(1, 32)
+        out = []
+        with torch.inference_mode():
+            lg = m(torch.tensor([ids]), cache=cache, last_only=True)[:, -1]
+            for _ in range(n):
+                out.append(int(lg.argmax(-1)))
+                lg = m(torch.tensor([[out[-1]]]), cache=cache, last_only=True)[:, -1]
+        return out
+    compiled_tokens = greedy(model)
+    model.__dict__["_compiled_step"] = None  # the eager step
+    assert greedy(model) == compiled_tokens
+
+
+def _library_in(cache: Path) -> Path:
+    (found,) = (cache / "native").glob("q4mv-*.so")
+    return found
+
+
+def test_qkv_compile_native_only_builds_both_libraries(use, monkeypatch, capsys, tmp_path):
+    from qkv.cli.main import main
+
+    monkeypatch.setenv("QKV_CACHE_DIR", str(tmp_path))
+    (tmp_path / "native").mkdir()
+    shutil.copy(_library_in(use), tmp_path / "native")  # not built again here (~12 s)
+    assert main(["compile", "--native-only", "--format", "json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["dequantizer"]["built"] and not d["q4_operator"]["built"] and d["q4_operator"]["passes_check"]
+    assert d["q4_operator"]["decodes_with"] == "native"
+    assert main(["compile", "--native-only"]) == 0
+    out = capsys.readouterr().out
+    assert "native 4-bit operator:" in out and "(cached; checked)" in out and "decode with it" in out
+    assert not (tmp_path / "decode").exists() and not (tmp_path / "compact").exists()  # no model was touched
