@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	@if [ ! -x /usr/bin/chromium ] && [ "$$(id -u)" = 0 ]; then apt-get update && apt-get install -y chromium; \
 	elif [ ! -x /usr/bin/chromium ]; then echo "note: install Debian's chromium (as root: apt-get install -y chromium) for tests/explain/test_browser.py"; fi
 # a C++ compiler for `qkv compile` (AOTInductor, the native dequantiser and 4-bit operator) and
-# tests/models/test_compiled.py, tests/weights/test_native.py, tests/weights/test_q4mv.py; Debian's images have g++
+# tests/models/test_compiled.py, tests/weights/test_native.py, tests/weights/test_matvec.py; Debian's images have g++
 	@if ! command -v g++ >/dev/null && [ "$$(id -u)" = 0 ]; then apt-get update && apt-get install -y g++; \
 	elif ! command -v g++ >/dev/null; then echo "note: install a C++ compiler (as root: apt-get install -y g++) for qkv compile"; fi
 # the native dequantiser of long prompts and exact analyses (qkv explain) and the 4-bit operator AVX2 CPUs

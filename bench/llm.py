@@ -253,12 +253,12 @@ def long_prompt(n: int = 8000, new_tokens: int = 16) -> dict:
 
 def build_native() -> dict:
     """``qkv compile``'s C++ builds, timed, into the benchmark's cache, before anything loads the model: the native
-    dequantiser of prompts and the native 4-bit operator (a model on an AVX2 CPU decodes with it, and its compact
-    cache holds that operator's blocks)."""
+    dequantiser of prompts and the native matrix-vector operators (a model decodes with them, and on an AVX2 CPU
+    its compact cache holds the 4-bit operator's blocks)."""
     from qkv.weights import matvec, native
 
-    return {"native_s": native.build(force=True), "q4_operator_s": matvec.build(force=True),
-            "decodes_with": matvec.kernel()}
+    return {"native_s": native.build(force=True), "matvec_s": matvec.build(force=True),
+            "decodes": sorted(matvec.kernels())}
 
 
 def compile_step() -> dict:
@@ -449,9 +449,9 @@ def main() -> None:
     if "skipped" in natives:
         print(f"native libraries: not built ({natives['skipped']})")
     else:
-        print(f"native libraries (g++): the prompts' dequantiser {natives['native_s']:.1f} s, the 4-bit operator "
-              f"{natives['q4_operator_s']:.1f} s; one-token steps decode with "
-              f"{'the native operator' if natives['decodes_with'] == 'native' else 'torch int4'} on this machine")
+        print(f"native libraries (g++): the prompts' dequantiser {natives['native_s']:.1f} s, the matrix-vector "
+              f"operators {natives['matvec_s']:.1f} s; one-token steps use them for "
+              f"{', '.join(natives['decodes']) or 'nothing'} here (q4: the 4-bit matrices, q8: the unembedding)")
     paired = [e for e in args.engines if e in PAIRED]
     if args.paired_reps > 0 and "transformers" in paired and len(paired) > 1:
         res = run_worker("paired:" + ",".join(paired))

@@ -1,6 +1,6 @@
 """``qkv compile`` — build, for this machine, the compiled decode step of a model (AOTInductor), the native
-dequantiser its prompts and exact analyses use and the native 4-bit operator its decoding uses on AVX2 CPUs
-(C++); all cached.
+dequantiser its prompts and exact analyses use and the native matrix-vector operators its decoding uses (C++);
+all cached.
 
 Generation, long prompts and exact analyses use them from then on (``QKV_COMPILE=auto``, the default); see
 qkv.models.compiled, qkv.weights.native and qkv.weights.matvec.
@@ -23,8 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="build only the native dequantiser (about a second; no model is loaded): what long prompts "
                         "and the exact analyses (explain) use; make setup runs this")
     p.add_argument("--native-only", action="store_true",
-                   help="build only the native libraries (no model is loaded): the dequantiser and the 4-bit "
-                        "operator AVX2 CPUs decode with (~12 s); make setup runs this")
+                   help="build only the native libraries (no model is loaded): the dequantiser and the "
+                        "matrix-vector operators decoding uses (~12 s); make setup runs this")
     p.add_argument("--format", choices=["text", "json"], default="text")
 
 
@@ -57,14 +57,14 @@ def run(args: argparse.Namespace) -> int:
         return _dequantizer_code(d, off)
     if args.steps < 0:
         raise InputError(f"--steps must be >= 0, got {args.steps}")
-    q4 = _build_matvec(args)  # before the load: a model on an AVX2 CPU decodes with it, and its step calls it
+    mv = _build_matvec(args)  # before the load: the model decodes with them, and its step calls them
     model = load_model(args).model
     context = model.config.max_position_embeddings
     if args.steps + 4 > context:
         raise InputError(f"--steps {args.steps} does not fit {args.model}'s context of {context} positions; "
                          f"give at most {context - 4}")
     d = compiled.build(model, force=args.force)
-    d.update(q4)
+    d.update(mv)
     d.update(_build_native(args, getattr(model, "compact_block_types", ()), wanted))
     if args.steps:
         d["step_ms"] = compiled.step_times(model, args.steps)
@@ -97,35 +97,38 @@ def _build_native(args, types, dtypes) -> dict:
 
 
 def _build_matvec(args) -> dict:
-    """The native 4-bit operator built (unless cached), whether it passes its check, and which kernel decodes."""
+    """The native matrix-vector operators built (unless cached), whether they pass their check, and which of the
+    compact kinds decode with them here (QKV_MATVEC)."""
     from ..models.compiled import compiling
     from ..weights import matvec
 
     seconds = compiling(matvec.WHAT, lambda: matvec.build(force=args.force), fallback=matvec.MEANWHILE)
     found = matvec.library_path()
-    return {"q4_operator": {"path": str(found) if found else None, "built": seconds is not None,
-                            "compile_seconds": seconds, "passes_check": matvec.available(),
-                            "decodes_with": matvec.kernel()}}
+    return {"matvec": {"path": str(found) if found else None, "built": seconds is not None,
+                       "compile_seconds": seconds, "passes_check": matvec.available(),
+                       "decodes": sorted(matvec.kernels())}}
 
 
 def _dequantizer_code(d: dict, off: bool) -> int:
-    """1 where a kind of the dequantiser (or the 4-bit operator) is built but not used (it failed its check):
-    everything runs, on the other kernels, but a script should know."""
-    q4 = d.get("q4_operator")
-    return 1 if not off and (not all(d["dequantizers"].values()) or (q4 and not q4["passes_check"])) else 0
+    """1 where a kind of the dequantiser (or the matrix-vector operators) is built but not used (it failed its
+    check): everything runs, on the other kernels, but a script should know."""
+    mv = d.get("matvec")
+    return 1 if not off and (not all(d["dequantizers"].values()) or (mv and mv["path"] and not mv["passes_check"])) \
+        else 0
 
 
 def _report_native(d: dict, off: bool) -> None:
     seconds = d["dequantizer"]["compile_seconds"]
     print(f"native dequantiser: {d['dequantizer']['path']} "
           f"({'cached' if seconds is None else f'built in {seconds:.1f} s'})")
-    q4 = d.get("q4_operator")
-    if q4:
-        seconds = q4["compile_seconds"]
-        state = "off (QKV_COMPILE=0)" if off else "checked" if q4["passes_check"] else "NOT used (failed its check)"
-        print(f"native 4-bit operator: {q4['path']} ({'cached' if seconds is None else f'built in {seconds:.1f} s'}; "
-              f"{state}); one-token steps decode with {'it' if q4['decodes_with'] == 'native' else 'torch int4'} "
-              "(QKV_INT4_KERNEL)")
+    mv = d.get("matvec")
+    if mv:
+        seconds = mv["compile_seconds"]
+        state = "off (QKV_COMPILE=0)" if off else "checked" if mv["passes_check"] else "NOT used (failed its check)"
+        uses = {"q4": "the 4-bit matrices", "q8": "the int8 unembedding"}
+        print(f"native matrix-vector operators: {mv['path']} "
+              f"({'cached' if seconds is None else f'built in {seconds:.1f} s'}; {state}); one-token steps use them "
+              f"for {' and '.join(uses[k] for k in mv['decodes']) or 'nothing'} here (QKV_MATVEC)")
     if d["dequantizers"]:
         print("  for prompts and exact analyses (checked bitwise against the eager one): " + ", ".join(
             f"{name} {'in use' if ok else 'off (QKV_COMPILE=0)' if off else 'NOT used'}"

@@ -26,7 +26,7 @@ X86_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx
 ARM_FLAGS = ("asimd", "asimdhp", "asimddp", "sve", "sve2", "bf16", "i8mm", "sme")
 BF16_NATIVE = ("amx_bf16", "avx512_bf16", "bf16")  # instructions that multiply bfloat16 directly
 ENV_OVERRIDES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "OMP_NUM_THREADS",
-                 "MKL_NUM_THREADS", "KMP_AFFINITY", "ONEDNN_DEFAULT_FPMATH_MODE", "QKV_INT4_KERNEL", "QKV_COMPILE",
+                 "MKL_NUM_THREADS", "KMP_AFFINITY", "ONEDNN_DEFAULT_FPMATH_MODE", "QKV_MATVEC", "QKV_COMPILE",
                  "QKV_PROMPT_DTYPE")
 SDPA_BACKENDS = ("MATH", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION")
 
@@ -95,7 +95,7 @@ def hardware_report(*, seconds: float = 0.3, size: int = 1024) -> dict:
         "threads": _threads(),
         "sdpa_cpu": sdpa_backends(torch.device("cpu")),
         "bfloat16": _bf16(cpu),
-        "low_bit": {"int4": _int4_path(), "q4_native": _q4_native_path(), "int8": _int8_path()},
+        "low_bit": {"int4": _int4_path(), "int8": _int8_path(), "qkv_matvec": _matvec_path()},
         "gpu": _gpu(),
         "matmul": {name: measure_matmul(dt, size=size, seconds=seconds)
                    for name, dt in (("float32", torch.float32), ("bfloat16", torch.bfloat16))},
@@ -179,17 +179,18 @@ def _int4_path() -> dict:
     return {"op": "aten._weight_int4pack_mm_for_cpu", "exists": True, "works": works}
 
 
-def _q4_native_path() -> dict:
-    """qkv's native 4-bit operator (qkv.weights.matvec): whether it is built and passes its check, and which
-    4-bit kernel a compact model loaded now decodes with (QKV_INT4_KERNEL; auto: this one on AVX2 kernels)."""
+def _matvec_path() -> dict:
+    """qkv's native matrix-vector operators (qkv.weights.matvec): whether they are built and pass their check,
+    and which compact kinds a model loaded now multiplies with them (QKV_MATVEC)."""
     from ..errors import ConfigError
     from ..weights import matvec
 
     try:
-        works, kernel = matvec.available(), matvec.kernel()
-    except ConfigError as e:  # a mistyped QKV_INT4_KERNEL or QKV_COMPILE: said, not a crash of the report
-        works, kernel = False, f"not chosen ({e})"
-    return {"op": "qkv.q4_mv", "exists": matvec.library_path() is not None, "works": works, "decodes_with": kernel}
+        works, decodes = matvec.available(), sorted(matvec.kernels())
+    except ConfigError as e:  # a mistyped QKV_MATVEC or QKV_COMPILE: said, not a crash of the report
+        works, decodes = False, [f"none ({e})"]
+    return {"op": "qkv.q4_mv, qkv.q8_mv", "exists": matvec.library_path() is not None, "works": works,
+            "decodes": decodes}
 
 
 def _int8_path() -> dict:
@@ -272,10 +273,11 @@ def render_hardware(r: dict) -> str:
                                   if b["native"] else "no bf16 instructions: bf16 matmuls convert to float32")
                  + f"; oneDNN bf16 {_yes(b['onednn_bf16'])}")
     for name, p in r["low_bit"].items():
-        if name == "q4_native":
+        if name == "qkv_matvec":
             state = "works" if p["works"] else "built but not used" if p["exists"] else "not built (qkv compile)"
-            lines.append(f"{'q4 (qkv)':<10} {p['op']}: {state}; one-token steps decode with "
-                         f"{dict(native='it', torch='torch int4').get(p['decodes_with'], p['decodes_with'])}")
+            uses = {"q4": "4-bit matrices", "q8": "int8 unembedding"}
+            lines.append(f"{'qkv':<10} {p['op']}: {state}; one-token steps use them for "
+                         f"{', '.join(uses.get(k, k) for k in p['decodes']) or 'nothing'}")
             continue
         state = "works" if p["works"] else "exists but failed on a tiny input" if p["exists"] else "missing"
         use = " (qkv: GGUF Q4 one-token steps)" if name == "int4" else " (qkv: the compact mode's unembedding)"

@@ -106,11 +106,14 @@ class QuantizedLinear(nn.Module):
 
 def small_matmul(x2: torch.Tensor, kind: str, group: int, *tensors: torch.Tensor) -> torch.Tensor:
     """x2 (M, K) -> (M, N) through a compact copy of W: ``int4`` (packed codes, scales and zeros), ``q4`` (GGUF
-    blocks; ``group`` is their kind, 0 Q4_0 or 1 Q4_1; qkv's native operator rounds x to int8 per block),
-    ``int8`` (int8 rows, bfloat16 row scales) or ``half`` (float16 W). ATen's int kernels are vectorised for
+    blocks; ``group`` is their kind, 0 Q4_0 or 1 Q4_1), ``q8`` (int8 rows, bfloat16 row scales; both through qkv's
+    native operators, which round x to int8 per block of 32), ``int8`` (the same rows through ATen's kernel)
+    or ``half`` (float16 W). ATen's int kernels are vectorised for
     bfloat16 activations only (float32 ones take a scalar path 15-30x slower), so x goes through bfloat16 there."""
     if kind == "q4":
         return torch.ops.qkv.q4_mv(x2.float(), tensors[0], group).to(x2.dtype)
+    if kind == "q8":
+        return torch.ops.qkv.q8_mv(x2.float(), *tensors).to(x2.dtype)
     if kind == "int4":
         packed, scales_zeros = tensors
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), packed, group,
@@ -181,8 +184,8 @@ class CompactLinear(QuantizedLinear):
 
     Kinds: ``int4`` (codes in the int4 kernel's packed layout, bfloat16 scale and zero per group of 32),
     ``q4`` (the GGUF file's own Q4_0/Q4_1 blocks, multiplied by qkv's native operator ``torch.ops.qkv.q4_mv``;
-    qkv.weights.matvec) and ``int8`` (one int8 per weight and a bfloat16 scale per row,
-    ``torch.ops.aten._weight_int8pack_mm``).
+    qkv.weights.matvec), ``int8`` (one int8 per weight and a bfloat16 scale per row,
+    ``torch.ops.aten._weight_int8pack_mm``) and ``q8`` (the same rows through ``torch.ops.qkv.q8_mv``).
     """
 
     def __init__(self, out_features: int, in_features: int, exact, *, kind: str, small_m: int = COMPACT_ROWS,
@@ -213,10 +216,11 @@ class CompactLinear(QuantizedLinear):
         return m
 
     @classmethod
-    def from_int8(cls, w8: torch.Tensor, scales: torch.Tensor, exact, *,
-                  bias: torch.Tensor | None = None) -> "CompactLinear":
-        """From int8 rows (N, K) and bfloat16 row scales (N,) (see :meth:`quantize_int8`)."""
-        m = cls(w8.shape[0], w8.shape[1], exact, kind="int8", bias=bias)
+    def from_int8(cls, w8: torch.Tensor, scales: torch.Tensor, exact, *, bias: torch.Tensor | None = None,
+                  native: bool = False) -> "CompactLinear":
+        """From int8 rows (N, K) and bfloat16 row scales (N,) (see :meth:`quantize_int8`), multiplied by ATen's
+        kernel or, ``native``, by qkv's (the ``q8`` kind)."""
+        m = cls(w8.shape[0], w8.shape[1], exact, kind="q8" if native else "int8", bias=bias)
         m.register_buffer("w8", w8, persistent=False)
         m.register_buffer("scales8", scales, persistent=False)
         return m
@@ -267,8 +271,8 @@ class CompactLinear(QuantizedLinear):
         return tuple(self._linear(x, w, b) for w, b in zip(ws, bs))
 
     def compact_operands(self) -> tuple[str, int, tuple[torch.Tensor, ...]]:
-        if self.kind == "int8":
-            return "int8", 0, (self._buffers["w8"], self._buffers["scales8"])
+        if self.kind in ("int8", "q8"):
+            return self.kind, 0, (self._buffers["w8"], self._buffers["scales8"])
         if self.kind == "q4":
             return "q4", self.group, (self._buffers["blocks"],)
         return super().compact_operands()

@@ -29,7 +29,7 @@ from . import cache as disk
 from .convert import gguf_to_rotate_half
 from .int4 import INT4_TYPES, TORCH_DEQUANT, dequantize_into, dequantize_rows, int4_codes
 from .maps import GGUF_ROPE_PERMUTED
-from .matvec import KINDS as Q4_KINDS, kernel as int4_kernel
+from .matvec import KINDS as Q4_KINDS, kernels as native_kernels
 from .native import dequantizer
 
 LAYOUT = "llama-compact-2"  # what the cached tensors are; changes when their meaning changes
@@ -115,15 +115,16 @@ def _matrices(f, cfg, hf_to_gguf: dict[str, str]) -> dict[str, list[_Part]]:
     return out
 
 
-def _kind(path: str, parts: list[_Part], native: bool = False) -> str:
-    """``q4`` (the native operator on the file's blocks: all parts of one 4-bit type), ``int4`` (torch's kernel)
-    or ``int8`` (the unembedding, and matrices of other types)."""
+def _kind(path: str, parts: list[_Part], native: frozenset = frozenset()) -> str:
+    """``q4`` (qkv's native operator on the file's blocks: all parts of one 4-bit type), ``int4`` (torch's
+    kernel), ``int8`` (the unembedding, and matrices of other types) or ``q8`` (those int8 rows, qkv's native
+    operator); ``native`` holds the native kinds this load may use (qkv.weights.matvec.kernels)."""
     if path == "lm_head" or not all(p.type in INT4_TYPES for p in parts):
-        return "int8"
-    return "q4" if native and len({p.type for p in parts}) == 1 else "int4"
+        return "q8" if "q8" in native and parts[0].shape[1] % 32 == 0 else "int8"  # the operator's blocks of 32
+    return "q4" if "q4" in native and len({p.type for p in parts}) == 1 else "int4"
 
 
-def _pack(path: str, parts: list[_Part], native: bool = False) -> dict[str, torch.Tensor]:
+def _pack(path: str, parts: list[_Part], native: frozenset = frozenset()) -> dict[str, torch.Tensor]:
     """The compact tensors of one matrix (the slow part of a first load)."""
     kind = _kind(path, parts, native)
     if kind == "q4":
@@ -140,8 +141,8 @@ def build(model, f, cfg, hf_to_gguf: dict[str, str], *, use_cache: bool = True) 
     """Swap compact modules into ``model`` (built on the meta device, norms assigned) in place; return facts
     for ``Loaded.info`` (what was made, whether the disk cache was used, and its path)."""
     mats = _matrices(f, cfg, hf_to_gguf)
-    native = int4_kernel() == "native"
-    layout = LAYOUT_BLOCKS if native else LAYOUT
+    native = native_kernels()
+    layout = LAYOUT_BLOCKS if "q4" in native else LAYOUT
     info: dict = {}
     tensors = None
     path = None
@@ -172,7 +173,7 @@ def build(model, f, cfg, hf_to_gguf: dict[str, str], *, use_cache: bool = True) 
             info["compact_cache"] = "off"
     # the block types its prompts dequantise (what `qkv compile` reports the native dequantiser for)
     model.compact_block_types = sorted({q.type for parts in mats.values() for q in parts if q.type in TORCH_DEQUANT})
-    kinds = {"q4": 0, "int4": 0, "int8": 0}
+    kinds = {"q4": 0, "int4": 0, "int8": 0, "q8": 0}
     prompt = prompt_dtype()
     for p, parts in mats.items():
         kind = _kind(p, parts, native)
@@ -184,7 +185,7 @@ def build(model, f, cfg, hf_to_gguf: dict[str, str], *, use_cache: bool = True) 
         elif kind == "int4":
             mod = CompactLinear.from_int4(tensors[f"{p}.packed"], tensors[f"{p}.scales_zeros"], exact, shape=shape)
         else:
-            mod = CompactLinear.from_int8(tensors[f"{p}.w8"], tensors[f"{p}.scales8"], exact)
+            mod = CompactLinear.from_int8(tensors[f"{p}.w8"], tensors[f"{p}.scales8"], exact, native=kind == "q8")
         mod.prompt_dtype = prompt
         mod.small_m = COMPACT_ROWS_Q4 if kind == "q4" else COMPACT_ROWS_BF16 if prompt == torch.bfloat16 else COMPACT_ROWS
         _place(model, p, mod)
@@ -197,14 +198,16 @@ def build(model, f, cfg, hf_to_gguf: dict[str, str], *, use_cache: bool = True) 
         if kinds["q4"] else []
     if kinds["int4"] or not four:
         four.append(f"{kinds['int4']} matrices int4")
-    info["decode_weights"] = (f"{', '.join(four)}, {kinds['int8']} int8 (unembedding per-row int8); "
+    eight = f"{kinds['q8']} int8 (unembedding per-row int8, the native operator)" if kinds["q8"] else \
+        f"{kinds['int8']} int8 (unembedding per-row int8)"
+    info["decode_weights"] = (f"{', '.join(four)}, {eight}; "
                               "embedding rows read from the file; prompts on the weights dequantised per call "
                               f"({str(prompt).removeprefix('torch.')}); analyses on the exact float32 weights")
     info["prompt_dtype"] = str(prompt).removeprefix("torch.")
     return info
 
 
-def _fits(tensors: dict[str, torch.Tensor], mats: dict[str, list[_Part]], native: bool = False) -> bool:
+def _fits(tensors: dict[str, torch.Tensor], mats: dict[str, list[_Part]], native: frozenset = frozenset()) -> bool:
     """Every tensor the model needs is there, with the dtype and the N/K dimensions it must have."""
     want = set()
     for p, parts in mats.items():

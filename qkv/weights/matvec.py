@@ -1,20 +1,22 @@
-"""The native 4-bit matrix-vector product ``qkv::q4_mv``: decoding's matrices straight from GGUF Q4_0/Q4_1 blocks.
+"""The native matrix-vector products ``qkv::q4_mv`` and ``qkv::q8_mv``: decoding's matrices on AVX2 CPUs.
 
-On CPUs whose ATen kernels are AVX2 (no AVX-512), PyTorch's int4 kernel is about twice as slow as its AVX-512
-code and bounds decoding. ``q4mv.cpp`` (next to this file) multiplies the file's own blocks by int8-rounded
-activations, one scale per block of 32, as llama.cpp does (see the source for the arithmetic). It is a PyTorch
-operator (``torch.ops.qkv.q4_mv``), so the compiled decode step (AOTInductor) calls it like any ATen kernel.
+On CPUs whose ATen kernels are AVX2 (no AVX-512), PyTorch's int4 and int8 kernels run at about half their
+AVX-512 speed and bound decoding. ``matvec.cpp`` (next to this file) multiplies the GGUF file's own Q4_0/Q4_1
+blocks (``q4_mv``) and the compact mode's int8 unembedding rows (``q8_mv``) by activations rounded to int8,
+one scale per block of 32, as llama.cpp does (see the source for the arithmetic). They are PyTorch operators
+(``torch.ops.qkv.*``), so the compiled decode step (AOTInductor) calls them like any ATen kernel.
 
-``qkv compile`` (and ``make setup``) builds it with the C++ compiler against the installed torch's headers
-(~12 s) into ``<cache root>/native/q4mv-<key>-<digest>.so``, cached and named as qkv.weights.native's
+``qkv compile`` (and ``make setup``) builds them with the C++ compiler against the installed torch's headers
+(~12 s) into ``<cache root>/native/matvec-<key>-<digest>.so``, cached and named as qkv.weights.native's
 dequantiser (the key names the source, the flags, the torch build and the CPU's flags; the digest is checked
-before the file is loaded). Before a process uses it, it multiplies random blocks of both kinds and compares
-the result with :func:`reference` (the same arithmetic in float64 sums): a library that does not load is
-deleted, one that disagrees is not used, and torch's int4 kernel serves instead.
+before the file is loaded). Before a process uses them, it multiplies random blocks and rows and compares the
+results with :func:`reference` and :func:`reference8` (the same arithmetic in float64 sums): a library that
+does not load is deleted, one that disagrees is not used, and torch's kernels serve instead.
 
-``QKV_INT4_KERNEL``: ``auto`` (default) uses this operator where ATen's CPU capability is AVX2 and the library
-is there (on AVX-512 CPUs torch's own kernel is as fast, measured, and its activations are closer: bfloat16);
-``native`` uses it whatever the CPU; ``torch`` never. ``QKV_COMPILE=0`` never loads it.
+``QKV_MATVEC``: ``auto`` (default) uses ``q8_mv`` for the unembedding wherever the library is there (faster than
+ATen's int8 kernel with its AVX2 and with its AVX-512 code, measured) and ``q4_mv`` for the 4-bit matrices where
+ATen's CPU capability is AVX2 (with AVX-512 code torch's int4 kernel is as fast, and its bfloat16 activations
+are closer); ``native`` uses both whatever the CPU; ``torch`` neither. ``QKV_COMPILE=0`` never loads them.
 """
 
 from __future__ import annotations
@@ -30,17 +32,18 @@ from ..errors import ConfigError, one_line
 from . import native
 from .cache import compile_mode
 
-SOURCE = Path(__file__).with_name("q4mv.cpp")
+SOURCE = Path(__file__).with_name("matvec.cpp")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++20", "-shared", "-fPIC", "-w")
-WHAT = "native 4-bit matrix-vector op"
-MEANWHILE = "decoding uses torch's int4 kernel meanwhile"
-KINDS = {"Q4_0": 0, "Q4_1": 1}  # q4mv.cpp's kind numbers
+WHAT = "native matrix-vector operators"
+MEANWHILE = "decoding uses torch's int4/int8 kernels meanwhile"
+KINDS = {"Q4_0": 0, "Q4_1": 1}  # q4_mv's kind numbers
 BLOCK_BYTES = {0: 18, 1: 20}
 CHOICES = ("auto", "native", "torch")
+ALL = frozenset({"q4", "q8"})  # the compact kinds these operators multiply
 
 _LOCK = threading.RLock()
-_STATE: dict = {}  # (library flags, QKV_COMPILE) -> whether the operator is loaded and agrees with the reference
-_LOADED: list[Path] = []  # the one library this process registered qkv::q4_mv from (a namespace is registered once)
+_STATE: dict = {}  # (library flags, QKV_COMPILE) -> whether the operators are loaded and agree with the references
+_LOADED: list[Path] = []  # the one library this process registered qkv's operators from (a namespace registers once)
 
 
 def flags() -> tuple[str, ...]:
@@ -66,29 +69,30 @@ def build(*, force: bool = False) -> float | None:
     return seconds
 
 
-def kernel() -> str:
-    """``native`` or ``torch``: which 4-bit kernel a compact model loaded now decodes with (QKV_INT4_KERNEL)."""
-    choice = os.environ.get("QKV_INT4_KERNEL", "auto")
+def kernels() -> frozenset[str]:
+    """The compact kinds a model loaded now multiplies with these operators (QKV_MATVEC): ``q4`` (the 4-bit
+    matrices, as the file's blocks) and ``q8`` (the int8 unembedding); the rest uses torch's kernels."""
+    choice = os.environ.get("QKV_MATVEC", "auto")
     if choice not in CHOICES:
-        raise ConfigError(f"QKV_INT4_KERNEL={choice!r} is not auto, native or torch; fix: set one of those or unset it")
-    if choice == "torch" or (choice == "auto" and torch.backends.cpu.get_cpu_capability() != "AVX2"):
-        return "torch"
+        raise ConfigError(f"QKV_MATVEC={choice!r} is not auto, native or torch; fix: set one of those or unset it")
+    if choice == "torch":
+        return frozenset()
     if available():
-        return "native"
+        return ALL if choice == "native" or torch.backends.cpu.get_cpu_capability() == "AVX2" else frozenset({"q8"})
     if choice == "native" and not _STATE.get("said"):
         _STATE["said"] = True
-        print(f"qkv: QKV_INT4_KERNEL=native, but the {WHAT} is not available (build it: qkv compile); "
-              "decoding uses torch's int4 kernel", file=sys.stderr)
-    return "torch"
+        print(f"qkv: QKV_MATVEC=native, but the {WHAT} are not available (build them: qkv compile); "
+              "decoding uses torch's int4/int8 kernels", file=sys.stderr)
+    return frozenset()
 
 
 def available() -> bool:
-    """Whether ``torch.ops.qkv.q4_mv`` is loaded (from the cached library; with QKV_COMPILE=1 built first) and
-    agrees with :func:`reference`; looked up once per process."""
+    """Whether ``torch.ops.qkv.q4_mv`` and ``q8_mv`` are loaded (from the cached library; with QKV_COMPILE=1 built
+    first) and agree with :func:`reference` and :func:`reference8`; looked up once per process."""
     how = compile_mode()
     if how == "0":
         return False
-    key = (flags(), how)
+    key = (native._stem(SOURCE, flags()), how)  # per cache folder: each is looked in once
     ok = _STATE.get(key)
     if ok is None:
         with _LOCK:
@@ -113,23 +117,32 @@ def _load(*, build_missing: bool) -> bool:
     try:
         torch.ops.load_library(str(path))
     except (OSError, RuntimeError) as e:
-        print(f"qkv: the {WHAT} {path} does not load ({one_line(str(e), 160)}); {native._delete(path)}, "
-              "decoding uses torch's int4 kernel", file=sys.stderr)
+        print(f"qkv: the {WHAT} {path} do not load ({one_line(str(e), 160)}); {native._delete(path)}, "
+              "decoding uses torch's int4/int8 kernels", file=sys.stderr)
         return False
     _LOADED.append(path)
     return _agrees(path)
 
 
 def _agrees(path: Path) -> bool:
-    for name, kind in KINDS.items():
-        g = torch.Generator().manual_seed(kind)
-        blocks = example(name, 37, 96, seed=kind)
-        x = torch.randn(3, 96, generator=g)
-        got, want = torch.ops.qkv.q4_mv(x, blocks, kind), reference(x, blocks, kind)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 96, generator=g)
+    w8, scales = torch.randint(-127, 128, (37, 96), dtype=torch.int8, generator=g), torch.rand(37).bfloat16()
+    try:
+        pairs = []
+        for name, kind in KINDS.items():
+            blocks = example(name, 37, 96, seed=kind)
+            pairs.append((name, torch.ops.qkv.q4_mv(x, blocks, kind), reference(x, blocks, kind)))
+        pairs.append(("int8", torch.ops.qkv.q8_mv(x, w8, scales), reference8(x, w8, scales)))
+    except (RuntimeError, AttributeError) as e:  # an operator missing from the library, or one that refuses
+        print(f"qkv: the {WHAT} {path} are not used ({one_line(str(e), 160)}); decoding uses torch's int4/int8 "
+              "kernels", file=sys.stderr)
+        return False
+    for name, got, want in pairs:
         if not bool(torch.isfinite(got).all()) or \
                 float((got.double() - want).abs().max()) > 1e-5 * float(want.abs().max()):
-            print(f"qkv: the {WHAT} {path} is not used (its {name} products differ from the reference); "
-                  "decoding uses torch's int4 kernel", file=sys.stderr)
+            print(f"qkv: the {WHAT} {path} are not used (their {name} products differ from the reference); "
+                  "decoding uses torch's int4/int8 kernels", file=sys.stderr)
             return False
     return True
 
@@ -139,16 +152,21 @@ def example(ggml_type: str, n: int, k: int, seed: int = 0) -> torch.Tensor:
     return native.example_blocks(ggml_type, n * (k // 32), seed=seed).view(n, -1).contiguous()
 
 
-def reference(x: torch.Tensor, blocks: torch.Tensor, kind: int) -> torch.Tensor:
-    """What ``q4_mv(x, blocks, kind)`` computes, in float64 sums: x (M, K) float32 rounded to int8 per block of 32
-    (d = max|x| / 127 and x / d to nearest even, in float32 as the C++ does), then per block
-    ``d_w d_x sum(q xq) + m d_x sum(xq)`` (Q4_0: ``m = -8 d_w``) -> (M, N) float64."""
+def _int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (M, K) float32 rounded as the C++ rounds it: (codes (M, K/32, 32) as floats, d_x, d_x * sum(codes)),
+    d_x = max|x| / 127 of each block and x / d_x to nearest even, in float32."""
     m, k = x.shape
-    nb, width = k // 32, BLOCK_BYTES[kind]
-    xb = x.float().reshape(m, nb, 32)
+    xb = x.float().reshape(m, k // 32, 32)
     d = xb.abs().amax(-1) / 127
     xq = torch.round(xb * torch.where(d != 0, 1 / d, torch.zeros_like(d))[..., None])
-    s = d * xq.sum(-1)  # float32, as the C++ (the sum is an exact integer)
+    return xq, d, d * xq.sum(-1)  # float32, as the C++ (the sum is an exact integer)
+
+
+def reference(x: torch.Tensor, blocks: torch.Tensor, kind: int) -> torch.Tensor:
+    """What ``q4_mv(x, blocks, kind)`` computes, in float64 sums: x rounded to int8 per block of 32, then per block
+    ``d_w d_x sum(q xq) + m d_x sum(xq)`` (Q4_0: ``m = -8 d_w``) -> (M, N) float64."""
+    nb, width = x.shape[1] // 32, BLOCK_BYTES[kind]
+    xq, d, s = _int8_rows(x)
     raw = blocks.reshape(-1, nb, width)
     dw = raw[..., 0:2].contiguous().view(torch.float16).float()[..., 0]  # (N, nb)
     mw = raw[..., 2:4].contiguous().view(torch.float16).float()[..., 0] if kind == 1 else -8 * dw
@@ -159,6 +177,18 @@ def reference(x: torch.Tensor, blocks: torch.Tensor, kind: int) -> torch.Tensor:
     return (scale * dots).sum(-1) + (mw[None].double() * s[:, None].double()).sum(-1)
 
 
+def reference8(x: torch.Tensor, w8: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """What ``q8_mv(x, w8, scales)`` computes, in float64 sums: ``s_r sum_b d_x sum(q xq)`` -> (M, N) float64."""
+    xq, d, _ = _int8_rows(x)
+    dots = torch.einsum("mbj,nbj->mnb", xq.double(), w8.reshape(w8.shape[0], -1, 32).double())  # exact integers
+    return scales.double()[None] * (d[:, None].double() * dots).sum(-1)
+
+
 def q4_mv(x: torch.Tensor, blocks: torch.Tensor, kind: int) -> torch.Tensor:
     """x (M, K) -> (M, N) float32 through the operator (load it first: :func:`available`)."""
     return torch.ops.qkv.q4_mv(x.float(), blocks, kind)
+
+
+def q8_mv(x: torch.Tensor, w8: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x (M, K) -> (M, N) float32 through the int8 operator (int8 rows (N, K), bfloat16 row scales (N,))."""
+    return torch.ops.qkv.q8_mv(x.float(), w8, scales)

@@ -33,6 +33,7 @@ def built(q4, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("QKV_CACHE_DIR", str(cache))
         mp.setenv("QKV_COMPILE", "auto")
+        mp.setenv("QKV_MATVEC", "torch")  # torch's kernels here (qkv's own: tests/weights/test_matvec.py)
         d = compiled.build(qkv.load(q4).model)
     assert d["built"] and d["self_check"] <= compiled.TOLERANCE and Path(d["path"]).parent == cache / "decode"
     return cache
@@ -42,6 +43,7 @@ def built(q4, tmp_path_factory):
 def use(built, monkeypatch):
     monkeypatch.setenv("QKV_CACHE_DIR", str(built))
     monkeypatch.setenv("QKV_COMPILE", "auto")  # the suite's default is 0 (tests/conftest.py)
+    monkeypatch.setenv("QKV_MATVEC", "torch")
     return built
 
 
@@ -158,6 +160,7 @@ def test_a_damaged_package_is_deleted_and_never_used(built, q4, tmp_path, monkey
     bad.write_bytes({"garbage": b"not a package" * 100, "truncated": data[: len(data) // 2], "empty": b""}[damage])
     monkeypatch.setenv("QKV_CACHE_DIR", str(cache))
     monkeypatch.setenv("QKV_COMPILE", "auto")
+    monkeypatch.setenv("QKV_MATVEC", "torch")  # the kernels the package was built for
     model = qkv.load(q4).model
     assert compiled.step_for(model) is None
     err = capsys.readouterr().err
@@ -228,6 +231,9 @@ def test_auto_never_builds_and_zero_never_loads(q4, use, tmp_path, monkeypatch):
 
 
 def test_compile_cli_reports_and_refuses_what_it_cannot_compile(use, q4, capsys, monkeypatch):
+    from qkv.weights import matvec
+
+    monkeypatch.setattr(matvec, "build", lambda force=False: None)  # not built here (~12 s a --force; its own tests)
     assert main(["compile", "--model", str(q4), "--format", "json", "--steps", "4"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["built"] is False and Path(d["path"]).exists() and d["self_check"] <= compiled.TOLERANCE

@@ -1,10 +1,10 @@
-"""The native 4-bit operator (qkv.weights.matvec, q4mv.cpp; torch.ops.qkv.q4_mv): built with the machine's C++
-compiler against the installed torch into a temporary cache, the reference's numbers (the same int8-activation
-arithmetic in float64 sums) for both block kinds, every shape a model has and odd ones, on one and several
-threads; its error against the exact float64 product bounded and printed; non-finite inputs give NaN, never a
-finite guess; bad operands refused in one message; a damaged or disagreeing library never used; the kernel
-choice (QKV_INT4_KERNEL); a model decoding through it close to float32, on the module path and in the compiled
-decode step."""
+"""The native matrix-vector operators (qkv.weights.matvec, matvec.cpp; torch.ops.qkv.q4_mv and q8_mv): built with
+the machine's C++ compiler against the installed torch into a temporary cache, the references' numbers (the same
+int8-activation arithmetic in float64 sums) for both block kinds and int8 rows, every shape a model has and odd
+ones, on one and several threads; the error against the exact float64 product within the rounding's bound;
+non-finite inputs give NaN, never a finite guess; bad operands refused in one message; a damaged or
+disagreeing library never used; the choice of kernels (QKV_MATVEC); a model decoding through them close to
+float32, on the module path and in the compiled decode step."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="session")
 def q4_cache(tmp_path_factory) -> Path:
     """A cache folder holding the operator's library (built once, ~12 s), loaded into this process."""
-    cache = tmp_path_factory.mktemp("q4mv-cache")
+    cache = tmp_path_factory.mktemp("matvec-cache")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("QKV_CACHE_DIR", str(cache))
         mp.setenv("QKV_COMPILE", "auto")
@@ -43,7 +43,7 @@ def q4_cache(tmp_path_factory) -> Path:
 def use(q4_cache, monkeypatch) -> Path:
     monkeypatch.setenv("QKV_CACHE_DIR", str(q4_cache))
     monkeypatch.setenv("QKV_COMPILE", "auto")  # the suite's default is 0 (tests/conftest.py)
-    monkeypatch.setenv("QKV_INT4_KERNEL", "native")  # whatever this CPU's ATen kernels are
+    monkeypatch.setenv("QKV_MATVEC", "native")  # whatever this CPU's ATen kernels are
     return q4_cache
 
 
@@ -82,6 +82,32 @@ def test_products_are_the_references_and_close_to_the_exact_ones(use, name, n, k
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("n,k,m", [(64, 32, 1), (1, 576, 1), (37, 96, 3), (49152, 576, 1), (300, 1536, 5)])
+def test_int8_rows_are_the_references_and_within_the_roundings_bound(use, n, k, m):
+    from qkv.nn.quant import CompactLinear
+
+    g = torch.Generator().manual_seed(n)
+    w = torch.randn(n, k, generator=g) * 0.05
+    w8, scales = CompactLinear.quantize_int8(w)
+    x = torch.randn(m, k, generator=g)
+    got = matvec.q8_mv(x, w8, scales)
+    assert got.shape == (m, n) and got.dtype == torch.float32
+    wq = w8.double() * scales.double()[:, None]  # the int8 rows' own values: what the model holds
+    exact = x.double() @ wq.t()
+    bound = (x.double().abs().view(m, -1, 32).amax(-1) / 254) @ wq.abs().view(n, -1, 32).sum(-1).t()
+    scale = float(exact.abs().max())
+    assert float((got.double() - matvec.reference8(x, w8, scales)).abs().max()) <= 2e-6 * scale
+    diff = (got.double() - exact).abs()
+    assert bool((diff <= bound * (1 + 1e-4) + 1e-5 * scale).all()) and float(diff.max()) > 0
+    print(f"int8 {n}x{k}, {m} rows: largest error {float(diff.max()) / scale:.2e} of the largest exact output")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(matvec.q8_mv(x, w8, scales), got)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_the_error_is_the_int8_rounding_of_the_activations(use):
     """Activations that int8 represents exactly (integers up to 127 in each block with its largest at 127) give
     the exact product up to float32 sums."""
@@ -94,12 +120,15 @@ def test_the_error_is_the_int8_rounding_of_the_activations(use):
 
 def test_zero_and_non_finite_activations(use):
     blocks = matvec.example("Q4_0", 8, 96, seed=4)
-    assert torch.equal(matvec.q4_mv(torch.zeros(2, 96), blocks, 0), torch.zeros(2, 8))
-    for bad in (float("nan"), float("inf"), -float("inf")):
-        x = torch.randn(3, 96)
-        x[1, 40] = bad  # one value of the second row's second block
-        y = matvec.q4_mv(x, blocks, 0)
-        assert y[1].isnan().all() and torch.isfinite(y[[0, 2]]).all(), bad
+    w8, scales = torch.randint(-127, 128, (8, 96), dtype=torch.int8), torch.rand(8).bfloat16()
+    products = (lambda x: matvec.q4_mv(x, blocks, 0), lambda x: matvec.q8_mv(x, w8, scales))
+    for product in products:
+        assert torch.equal(product(torch.zeros(2, 96)), torch.zeros(2, 8))
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            x = torch.randn(3, 96)
+            x[1, 40] = bad  # one value of the second row's second block
+            y = product(x)
+            assert y[1].isnan().all() and torch.isfinite(y[[0, 2]]).all(), bad
 
 
 def test_bad_operands_are_one_message_not_a_crash(use):
@@ -116,18 +145,29 @@ def test_bad_operands_are_one_message_not_a_crash(use):
     for x, b, kind, says in cases:
         with pytest.raises(RuntimeError, match=says):
             torch.ops.qkv.q4_mv(x, b, kind)
+    w8, scales = torch.zeros(4, 64, dtype=torch.int8), torch.ones(4, dtype=torch.bfloat16)
+    cases8 = [
+        (torch.randn(1, 64), w8.to(torch.uint8), scales, "int8"),
+        (torch.randn(1, 64), w8, scales.float(), "bfloat16"),
+        (torch.randn(1, 64), w8, scales[:3], "one scale a row"),
+        (torch.randn(1, 32), w8, scales, "K = 32"),
+        (torch.randn(1, 48), torch.zeros(4, 48, dtype=torch.int8), scales, "multiple of 32"),
+    ]
+    for x, w, sc, says in cases8:
+        with pytest.raises(RuntimeError, match=says):
+            torch.ops.qkv.q8_mv(x, w, sc)
     strided = torch.randn(64, 3)[:, 0].reshape(1, 64)  # a strided x is taken
     assert torch.equal(torch.ops.qkv.q4_mv(strided, blocks, 1), torch.ops.qkv.q4_mv(strided.contiguous(), blocks, 1))
     assert matvec.q4_mv(torch.randn(0, 64), blocks, 1).shape == (0, 4)
 
 
 def test_a_library_that_disagrees_is_not_used(use, monkeypatch, capsys):
-    monkeypatch.setattr(matvec, "reference", lambda x, blocks, kind: torch.zeros(x.shape[0], blocks.shape[0]).double() + 1)
+    monkeypatch.setattr(matvec, "reference8", lambda x, w8, scales: torch.ones(x.shape[0], w8.shape[0]).double())
     monkeypatch.setattr(matvec, "_STATE", {})
-    assert not matvec.available() and matvec.kernel() == "torch"
+    assert not matvec.available() and matvec.kernels() == frozenset()
     err = capsys.readouterr().err
-    assert "is not used (its Q4_0 products differ from the reference)" in err
-    assert "QKV_INT4_KERNEL=native, but the native 4-bit matrix-vector op is not available" in err
+    assert "are not used (their int8 products differ from the reference)" in err
+    assert "QKV_MATVEC=native, but the native matrix-vector operators are not available" in err
 
 
 def test_a_damaged_library_is_deleted_unloaded(use, tmp_path, monkeypatch, capsys):
@@ -138,35 +178,35 @@ def test_a_damaged_library_is_deleted_unloaded(use, tmp_path, monkeypatch, capsy
     bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     monkeypatch.setenv("QKV_CACHE_DIR", str(tmp_path))
     assert matvec.library_path() is None and not bad.exists()
-    assert "native 4-bit matrix-vector op" in capsys.readouterr().err
+    assert "native matrix-vector operators" in capsys.readouterr().err
 
 
 def test_kernel_choice(use, monkeypatch, capsys):
-    assert matvec.kernel() == "native"
-    monkeypatch.setenv("QKV_INT4_KERNEL", "torch")
-    assert matvec.kernel() == "torch"
-    monkeypatch.setenv("QKV_INT4_KERNEL", "auto")
-    want = "native" if torch.backends.cpu.get_cpu_capability() == "AVX2" else "torch"
-    assert matvec.kernel() == want
-    monkeypatch.setenv("QKV_COMPILE", "0")  # never loads compiled code: torch's kernel
-    monkeypatch.setenv("QKV_INT4_KERNEL", "native")
+    assert matvec.kernels() == {"q4", "q8"}
+    monkeypatch.setenv("QKV_MATVEC", "torch")
+    assert matvec.kernels() == frozenset()
+    monkeypatch.setenv("QKV_MATVEC", "auto")  # q8 wherever it is built; q4 on AVX2 kernels only
+    assert matvec.kernels() == ({"q4", "q8"} if torch.backends.cpu.get_cpu_capability() == "AVX2" else {"q8"})
+    monkeypatch.setenv("QKV_COMPILE", "0")  # never loads compiled code: torch's kernels
+    monkeypatch.setenv("QKV_MATVEC", "native")
     monkeypatch.setattr(matvec, "_STATE", {})
-    assert matvec.kernel() == "torch"
-    monkeypatch.setenv("QKV_INT4_KERNEL", "fast")
-    with pytest.raises(ConfigError, match="QKV_INT4_KERNEL='fast' is not auto, native or torch"):
-        matvec.kernel()
+    assert matvec.kernels() == frozenset()
+    assert "QKV_MATVEC=native, but" in capsys.readouterr().err
+    monkeypatch.setenv("QKV_MATVEC", "fast")
+    with pytest.raises(ConfigError, match="QKV_MATVEC='fast' is not auto, native or torch"):
+        matvec.kernels()
 
 
-def test_auto_decodes_with_it_on_avx2_kernels(q4_cache):
+def test_auto_decodes_with_them_on_avx2_kernels(q4_cache):
     """A process whose ATen kernels are AVX2 (ATEN_CPU_CAPABILITY=avx2 stands in for an AVX2-only CPU) chooses
-    it by itself where the library is cached, and torch's kernel with QKV_COMPILE=0."""
-    env = {**os.environ, "QKV_CACHE_DIR": str(q4_cache), "ATEN_CPU_CAPABILITY": "avx2", "QKV_COMPILE": "auto"}
-    env.pop("QKV_INT4_KERNEL", None)
-    code = "from qkv.weights import matvec; print(matvec.kernel())"
-    for compile_mode, want in (("auto", "native"), ("0", "torch")):
+    both by itself where the library is cached, and torch's kernels with QKV_COMPILE=0."""
+    env = {**os.environ, "QKV_CACHE_DIR": str(q4_cache), "ATEN_CPU_CAPABILITY": "avx2"}
+    env.pop("QKV_MATVEC", None)
+    code = "from qkv.weights import matvec; print(*sorted(matvec.kernels()))"
+    for compile_mode, want in (("auto", ["q4", "q8"]), ("0", [])):
         out = subprocess.run([sys.executable, "-c", code], env={**env, "QKV_COMPILE": compile_mode}, cwd=ROOT,
                              capture_output=True, text=True, check=True).stdout.split()
-        assert out == [want], compile_mode
+        assert out == want, compile_mode
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +214,7 @@ def native_model(q4_cache):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("QKV_CACHE_DIR", str(q4_cache))
         mp.setenv("QKV_COMPILE", "auto")
-        mp.setenv("QKV_INT4_KERNEL", "native")
+        mp.setenv("QKV_MATVEC", "native")
         return qkv.load("smollm2")
 
 
@@ -188,7 +228,7 @@ def test_smollm2_decodes_through_it_close_to_float32(native_model, smollm2):
     layer = m.model.layers[3]
     for mod in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
         assert isinstance(mod, CompactLinear) and mod.kind == "q4" and mod.blocks.dtype == torch.uint8
-    assert "native operator" in native_model.info["decode_weights"]
+    assert m.lm_head.kind == "q8" and "native operator" in native_model.info["decode_weights"]
     ids = smollm2.tokenizer.encode("The history of science shows that")
     ref_tokens = list(generate_ids(smollm2.model, ids, SamplingOptions(temperature=0), max_new_tokens=32))
     seq = torch.tensor([ids + ref_tokens])
@@ -205,7 +245,7 @@ def test_smollm2_decodes_through_it_close_to_float32(native_model, smollm2):
             if top2[0] - top2[1] > 0.5:
                 clear += 1
                 agree += int(ref.argmax() == got.argmax())
-    print(f"native 4-bit operator: mean KL {sum(kls) / len(kls):.2e}, max {max(kls):.2e}; greedy {agree}/{clear}")
+    print(f"native operators: mean KL {sum(kls) / len(kls):.2e}, max {max(kls):.2e}; greedy {agree}/{clear}")
     assert sum(kls) / len(kls) < 2e-2 and agree == clear
     got = list(generate_ids(m, ids, SamplingOptions(temperature=0), max_new_tokens=32))
     print(f"greedy tokens equal to float32's for {next((i for i, (a, b) in enumerate(zip(got, ref_tokens)) if a != b), 32)} of 32")
@@ -225,9 +265,10 @@ def test_the_compiled_step_calls_it(q4_cache, tmp_path, monkeypatch):
     (tmp_path / "cache" / "native").mkdir(parents=True)
     shutil.copy(_library_in(q4_cache), tmp_path / "cache" / "native")  # not built again (~12 s)
     monkeypatch.setenv("QKV_COMPILE", "auto")
-    monkeypatch.setenv("QKV_INT4_KERNEL", "native")
+    monkeypatch.setenv("QKV_MATVEC", "native")
     model = qkv.load(path).model
-    assert {mod.kind for mod in model.modules() if hasattr(mod, "kind") and mod.kind in ("q4", "int4")} == {"q4"}
+    kinds = {mod.kind for mod in model.modules() if hasattr(mod, "kind")}
+    assert "q4" in kinds and "q8" in kinds and not kinds & {"int4", "int8"}
     d = compiled.build(model)
     assert d["built"] and d["self_check"] <= compiled.TOLERANCE
     step = compiled.step_for(model)
@@ -249,7 +290,7 @@ def test_the_compiled_step_calls_it(q4_cache, tmp_path, monkeypatch):
 
 
 def _library_in(cache: Path) -> Path:
-    (found,) = (cache / "native").glob("q4mv-*.so")
+    (found,) = (cache / "native").glob("matvec-*.so")
     return found
 
 
@@ -261,9 +302,10 @@ def test_qkv_compile_native_only_builds_both_libraries(use, monkeypatch, capsys,
     shutil.copy(_library_in(use), tmp_path / "native")  # not built again here (~12 s)
     assert main(["compile", "--native-only", "--format", "json"]) == 0
     d = json.loads(capsys.readouterr().out)
-    assert d["dequantizer"]["built"] and not d["q4_operator"]["built"] and d["q4_operator"]["passes_check"]
-    assert d["q4_operator"]["decodes_with"] == "native"
+    assert d["dequantizer"]["built"] and not d["matvec"]["built"] and d["matvec"]["passes_check"]
+    assert d["matvec"]["decodes"] == ["q4", "q8"]
     assert main(["compile", "--native-only"]) == 0
     out = capsys.readouterr().out
-    assert "native 4-bit operator:" in out and "(cached; checked)" in out and "decode with it" in out
+    assert "native matrix-vector operators:" in out and "(cached; checked)" in out
+    assert "for the 4-bit matrices and the int8 unembedding here" in out
     assert not (tmp_path / "decode").exists() and not (tmp_path / "compact").exists()  # no model was touched

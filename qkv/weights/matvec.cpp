@@ -1,0 +1,259 @@
+// qkv's native matrix-vector products for decoding, registered with PyTorch as the operators qkv::q4_mv and
+// qkv::q8_mv, so that the compiled decode step (AOTInductor) calls them as it calls ATen's own kernels.
+//
+// Why: PyTorch's int4 and int8 CPU kernels (_weight_int4pack_mm_for_cpu, _weight_int8pack_mm) run about half
+// as fast with their AVX2 code as with their AVX-512 code, and on AVX2-only CPUs they bound decoding (~13 and
+// ~4 ms of a ~18 ms SmolLM2 token). These kernels do what llama.cpp does there: the activations are rounded
+// to int8, one scale per block of 32 (d_x = max|x| / 127, xq = round-to-nearest-even(x / d_x)), and each
+// block's dot product with the weights' codes is exact integer arithmetic (AVX2 maddubs); then
+//     q4_mv, Q4_1 blocks (w = d q + m):   y += d d_x sum(q xq) + m d_x sum(xq)     per block
+//     q4_mv, Q4_0 blocks (w = d (q - 8)): y += d d_x sum(q xq) - 8 d d_x sum(xq)   per block
+//     q8_mv, int8 rows (w = s q, one bfloat16 s a row):  y = s sum over blocks of d_x sum(q xq)
+// The weights are what the model holds (q4: the GGUF file's own blocks); the int8 activations are these
+// paths' only approximation (~5e-3 of a row's largest output; bounded in tests/weights/test_matvec.py).
+//
+// Built for this CPU by `qkv compile` (qkv/weights/matvec.py) against the installed torch's headers.
+// A Q4 block: float16 d (Q4_1: then float16 m), then 16 bytes of nibbles, weight j in the low nibble of byte j
+// and weight j + 16 in the high nibble. Rows of W are (K / 32) consecutive blocks.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+#if defined(__AVX2__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+// How far ahead of the block being read the next bytes of W are asked for (a decode step streams ~66 MB of
+// SmolLM2's blocks from memory; without it the loop waits on memory: 17 against 8 ms a token's matrices).
+constexpr int64_t kPrefetchBytes = 1280;
+
+inline float half_at(const uint8_t *p) {
+    uint16_t h;
+    std::memcpy(&h, p, 2);
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#else
+    return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
+#endif
+}
+
+// One row of x (K floats) -> int8 codes, per-block scales d_x and d_x * sum(codes). A block holding a NaN or an
+// infinity gets the scale NaN (codes 0), so that every output it reaches is NaN, never a finite guess.
+void quantize_row(const float *x, int64_t k, int8_t *q, float *d, float *s) {
+    for (int64_t b = 0; b < k / 32; ++b) {
+        const float *xb = x + 32 * b;
+        float amax = 0.f;
+        bool finite = true;
+        for (int j = 0; j < 32; ++j) {
+            finite = finite && std::isfinite(xb[j]);
+            amax = std::fmax(amax, std::fabs(xb[j]));
+        }
+        if (!finite) {
+            std::memset(q + 32 * b, 0, 32);
+            d[b] = s[b] = std::numeric_limits<float>::quiet_NaN();
+            continue;
+        }
+        const float db = amax / 127.f, inv = db != 0.f ? 1.f / db : 0.f;
+        int sum = 0;
+        for (int j = 0; j < 32; ++j) {
+            const int v = static_cast<int>(std::nearbyint(xb[j] * inv));  // to nearest even (default mode)
+            q[32 * b + j] = static_cast<int8_t>(v);
+            sum += v;
+        }
+        d[b] = db;
+        s[b] = db * static_cast<float>(sum);
+    }
+}
+
+// y[i, r] = x[i] . W[r] for rows [r0, r1) of W and every quantised row i of x (M of them, ``n`` apart in y):
+// one row of W at a time, its blocks in order, read from memory once for all M rows of x.
+template <bool kQ41>
+void rows(const uint8_t *w, int64_t nb, int64_t m, int64_t n, const int8_t *xqs, const float *xds, const float *xss,
+          float *y, int64_t r0, int64_t r1) {
+    constexpr int64_t bytes = kQ41 ? 20 : 18, codes = kQ41 ? 4 : 2;
+    for (int64_t r = r0; r < r1; ++r) {
+        const uint8_t *row = w + r * nb * bytes;
+        for (int64_t i = 0; i < m; ++i) {
+            const int8_t *xq = xqs + i * nb * 32;
+            const float *xd = xds + i * nb, *xs = xss + i * nb;
+            float tail = 0.f;  // the minimums' (Q4_0: the -8's) share
+#if defined(__AVX2__)
+            const __m128i low = _mm_set1_epi8(0x0f);
+            const __m256i ones = _mm256_set1_epi16(1);
+            __m256 acc = _mm256_setzero_ps();
+            for (int64_t b = 0; b < nb; ++b) {
+                const uint8_t *blk = row + b * bytes;
+                _mm_prefetch(reinterpret_cast<const char *>(blk + kPrefetchBytes), _MM_HINT_T0);
+                const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i *>(blk + codes));
+                const __m256i q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(c, 4), low), _mm_and_si128(c, low));
+                const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(xq + 32 * b));
+                const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(q, xv), ones);  // 8 exact int32 sums
+                const float dw = half_at(blk);
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(dw * xd[b]), _mm256_cvtepi32_ps(dot), acc);
+                tail += (kQ41 ? half_at(blk + 2) : -8.f * dw) * xs[b];
+            }
+            __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+            h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+            h = _mm_add_ss(h, _mm_movehdup_ps(h));
+            y[i * n + r] = _mm_cvtss_f32(h) + tail;
+#else
+            float total = 0.f;
+            for (int64_t b = 0; b < nb; ++b) {
+                const uint8_t *blk = row + b * bytes;
+                int dot = 0;
+                for (int j = 0; j < 16; ++j)
+                    dot += (blk[codes + j] & 0x0f) * xq[32 * b + j] + (blk[codes + j] >> 4) * xq[32 * b + j + 16];
+                const float dw = half_at(blk);
+                total += dw * xd[b] * static_cast<float>(dot);
+                tail += (kQ41 ? half_at(blk + 2) : -8.f * dw) * xs[b];
+            }
+            y[i * n + r] = total + tail;
+#endif
+        }
+    }
+}
+
+// x (M, K) float32 rounded to int8 per block of 32: codes, scales d_x and d_x * sum(codes), row after row.
+struct Quantised {
+    std::vector<int8_t> q;
+    std::vector<float> d, s;
+};
+
+Quantised quantize(const at::Tensor &x) {
+    const at::Tensor xc = x.contiguous();
+    const int64_t m = xc.size(0), k = xc.size(1), nb = k / 32;
+    Quantised out{std::vector<int8_t>(static_cast<size_t>(m * k)), std::vector<float>(static_cast<size_t>(m * nb)),
+                  std::vector<float>(static_cast<size_t>(m * nb))};
+    for (int64_t i = 0; i < m; ++i)
+        quantize_row(xc.data_ptr<float>() + i * k, k, out.q.data() + i * k, out.d.data() + i * nb,
+                     out.s.data() + i * nb);
+    return out;
+}
+
+void check_x(const at::Tensor &x, const char *op) {
+    TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(), "qkv::", op,
+                ": x must be a 2-d float32 CPU tensor (M, K)");
+    TORCH_CHECK(x.size(1) % 32 == 0, "qkv::", op, ": x has K = ", x.size(1), ", not a multiple of 32");
+}
+
+at::Tensor q4_mv(const at::Tensor &x, const at::Tensor &blocks, int64_t kind) {
+    TORCH_CHECK(kind == 0 || kind == 1, "qkv::q4_mv: kind must be 0 (Q4_0) or 1 (Q4_1), got ", kind);
+    check_x(x, "q4_mv");
+    TORCH_CHECK(blocks.dim() == 2 && blocks.scalar_type() == at::kByte && blocks.device().is_cpu() &&
+                    blocks.is_contiguous(),
+                "qkv::q4_mv: blocks must be a contiguous 2-d uint8 CPU tensor (N, K / 32 * block bytes)");
+    const int64_t m = x.size(0), k = x.size(1), n = blocks.size(0), bytes = kind == 1 ? 20 : 18;
+    TORCH_CHECK(blocks.size(1) == k / 32 * bytes, "qkv::q4_mv: x has K = ", k, " but blocks has rows of ",
+                blocks.size(1), " bytes (K / 32 blocks of ", bytes, ")");
+    at::Tensor y = at::empty({m, n}, x.options());
+    if (m == 0 || n == 0) return y;
+    const Quantised xq = quantize(x);
+    const uint8_t *w = blocks.data_ptr<uint8_t>();
+    float *out = y.data_ptr<float>();
+    const int64_t nb = k / 32;
+    // rows of W split among torch's threads (its OpenMP pool): at least ~16k weights a task
+    at::parallel_for(0, n, std::max<int64_t>(1, 16384 / k), [&](int64_t r0, int64_t r1) {
+        if (kind == 1)
+            rows<true>(w, nb, m, n, xq.q.data(), xq.d.data(), xq.s.data(), out, r0, r1);
+        else
+            rows<false>(w, nb, m, n, xq.q.data(), xq.d.data(), xq.s.data(), out, r0, r1);
+    });
+    return y;
+}
+
+// y[i, r] = s_r sum_b d_x[i, b] sum_j q[r, j] xq[i, j] for rows [r0, r1) of the int8 matrix W (N, K).
+void rows8(const int8_t *w, const uint16_t *scales, int64_t k, int64_t m, int64_t n, const int8_t *xqs,
+           const float *xds, float *y, int64_t r0, int64_t r1) {
+    const int64_t nb = k / 32;
+    for (int64_t r = r0; r < r1; ++r) {
+        const int8_t *row = w + r * k;
+        const uint32_t bits = static_cast<uint32_t>(scales[r]) << 16;  // bfloat16 -> float32, exact
+        float scale;
+        std::memcpy(&scale, &bits, 4);
+        for (int64_t i = 0; i < m; ++i) {
+            const int8_t *xq = xqs + i * k;
+            const float *xd = xds + i * nb;
+#if defined(__AVX2__)
+            const __m256i ones = _mm256_set1_epi16(1);
+            __m256 acc = _mm256_setzero_ps();
+            for (int64_t b = 0; b < nb; ++b) {
+                _mm_prefetch(reinterpret_cast<const char *>(row + 32 * b + kPrefetchBytes), _MM_HINT_T0);
+                const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(row + 32 * b));
+                const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(xq + 32 * b));
+                // signed x signed through maddubs (unsigned x signed): |w| times x with w's sign (|w|, |x| <= 127)
+                const __m256i dot = _mm256_madd_epi16(
+                    _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv)), ones);
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(xd[b]), _mm256_cvtepi32_ps(dot), acc);
+            }
+            __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+            h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+            h = _mm_add_ss(h, _mm_movehdup_ps(h));
+            y[i * n + r] = scale * _mm_cvtss_f32(h);
+#else
+            float total = 0.f;
+            for (int64_t b = 0; b < nb; ++b) {
+                int dot = 0;
+                for (int j = 0; j < 32; ++j) dot += row[32 * b + j] * xq[32 * b + j];
+                total += xd[b] * static_cast<float>(dot);
+            }
+            y[i * n + r] = scale * total;
+#endif
+        }
+    }
+}
+
+at::Tensor q8_mv(const at::Tensor &x, const at::Tensor &w8, const at::Tensor &scales) {
+    check_x(x, "q8_mv");
+    TORCH_CHECK(w8.dim() == 2 && w8.scalar_type() == at::kChar && w8.device().is_cpu() && w8.is_contiguous(),
+                "qkv::q8_mv: w8 must be a contiguous 2-d int8 CPU tensor (N, K)");
+    TORCH_CHECK(scales.dim() == 1 && scales.scalar_type() == at::kBFloat16 && scales.is_contiguous() &&
+                    scales.size(0) == w8.size(0),
+                "qkv::q8_mv: scales must be a contiguous bfloat16 tensor of one scale a row of w8 (N,)");
+    const int64_t m = x.size(0), k = x.size(1), n = w8.size(0);
+    TORCH_CHECK(w8.size(1) == k, "qkv::q8_mv: x has K = ", k, " but w8 has rows of ", w8.size(1));
+    at::Tensor y = at::empty({m, n}, x.options());
+    if (m == 0 || n == 0) return y;
+    const Quantised xq = quantize(x);
+    const int8_t *w = w8.data_ptr<int8_t>();
+    const uint16_t *sc = reinterpret_cast<const uint16_t *>(scales.data_ptr<at::BFloat16>());
+    float *out = y.data_ptr<float>();
+    at::parallel_for(0, n, std::max<int64_t>(1, 16384 / k), [&](int64_t r0, int64_t r1) {
+        rows8(w, sc, k, m, n, xq.q.data(), xq.d.data(), out, r0, r1);
+    });
+    return y;
+}
+
+at::Tensor q4_mv_meta(const at::Tensor &x, const at::Tensor &blocks, int64_t kind) {
+    return at::empty({x.size(0), blocks.size(0)}, x.options());
+}
+
+at::Tensor q8_mv_meta(const at::Tensor &x, const at::Tensor &w8, const at::Tensor &scales) {
+    return at::empty({x.size(0), w8.size(0)}, x.options());
+}
+
+}  // namespace
+
+TORCH_LIBRARY(qkv, m) {
+    m.def("q4_mv(Tensor x, Tensor blocks, int kind) -> Tensor");
+    m.def("q8_mv(Tensor x, Tensor w8, Tensor scales) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(qkv, CPU, m) {
+    m.impl("q4_mv", &q4_mv);
+    m.impl("q8_mv", &q8_mv);
+}
+
+TORCH_LIBRARY_IMPL(qkv, Meta, m) {
+    m.impl("q4_mv", &q4_mv_meta);
+    m.impl("q8_mv", &q8_mv_meta);
+}
