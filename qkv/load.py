@@ -107,8 +107,9 @@ def load(name_or_path: str | Path, *, dtype: str | torch.dtype = "auto", device:
     """Load a model, its tokenizer and its chat template (see the module docstring).
 
     ``dtype="auto"``: on the CPU, a GGUF Llama loads in the compact mode (qkv.weights.compact): its 4-bit
-    matrices re-packed for PyTorch's int4 kernel, the unembedding in per-row int8, embedding rows read from
-    the mapped file — no resident float32 copy; one-token decode steps run on those, prompts and exact
+    matrices re-packed for PyTorch's int4 kernel (on AVX2 CPUs kept as the file's blocks for qkv's native
+    operator, qkv.weights.matvec), the unembedding in per-row int8, embedding rows read from the mapped
+    file — no resident float32 copy; one-token decode steps run on those, prompts and exact
     analyses (``qkv.capture``, ``exact_weights``) on the exact float32 weights dequantised per call. The
     re-packed weights are cached on disk ($QKV_CACHE_DIR or $XDG_CACHE_HOME/qkv; QKV_COMPACT_CACHE=0 turns
     the cache off). Other models and devices: float32, exactly the file's (dequantised) values.

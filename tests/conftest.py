@@ -17,6 +17,9 @@ if "QKV_CACHE_DIR" not in os.environ:
 # Every test runs the eager decode step unless it opts in (tests/models/test_compiled.py): a compiled package
 # in a preset QKV_CACHE_DIR must not change what the other tests compare.
 os.environ.setdefault("QKV_COMPILE", "0")
+# ... and torch's int4/int8 kernels, whatever this CPU's kind and whatever library a test built: qkv's native
+# operators (tests/weights/test_matvec.py) are opted into where they are tested.
+os.environ.setdefault("QKV_MATVEC", "torch")
 
 
 @pytest.fixture(scope="session")

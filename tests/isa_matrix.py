@@ -36,6 +36,7 @@ SENSITIVE = [
     "tests/models/test_compact.py",  # the int4 pack layout and the cache key differ per ATen capability
     "tests/models/test_compiled.py",  # a compiled step is built and keyed for the ATen capability
     "tests/weights/test_native.py",  # bitwise against torch's own casts and arithmetic, whichever kernels run them
+    "tests/weights/test_matvec.py",  # which kernels decode depends on ATen's capability; the model against float32
 ]
 
 

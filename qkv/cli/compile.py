@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from .common import add_model_arguments, load_model
 
@@ -99,22 +100,29 @@ def _build_native(args, types, dtypes) -> dict:
 def _build_matvec(args) -> dict:
     """The native matrix-vector operators built (unless cached), whether they pass their check, and which of the
     compact kinds decode with them here (QKV_MATVEC)."""
+    from ..errors import ConfigError
     from ..models.compiled import compiling
     from ..weights import matvec
 
-    seconds = compiling(matvec.WHAT, lambda: matvec.build(force=args.force), fallback=matvec.MEANWHILE)
+    error = None
+    try:  # optional: without them decoding runs torch's kernels, so their failure stops nothing else
+        seconds = compiling(matvec.WHAT, lambda: matvec.build(force=args.force), fallback=matvec.MEANWHILE)
+    except ConfigError as e:
+        seconds, error = None, str(e)
+        print(f"qkv: {e}", file=sys.stderr)
     found = matvec.library_path()
     return {"matvec": {"path": str(found) if found else None, "built": seconds is not None,
                        "compile_seconds": seconds, "passes_check": matvec.available(),
-                       "decodes": sorted(matvec.kernels())}}
+                       "decodes": sorted(matvec.kernels()), "error": error}}
 
 
 def _dequantizer_code(d: dict, off: bool) -> int:
     """1 where a kind of the dequantiser (or the matrix-vector operators) is built but not used (it failed its
-    check): everything runs, on the other kernels, but a script should know."""
+    check), or the operators could not be built: everything runs, on the other kernels, but a script should
+    know."""
     mv = d.get("matvec")
-    return 1 if not off and (not all(d["dequantizers"].values()) or (mv and mv["path"] and not mv["passes_check"])) \
-        else 0
+    failed = mv and (mv["error"] or (mv["path"] and not mv["passes_check"]))
+    return 1 if not off and (not all(d["dequantizers"].values()) or failed) else 0
 
 
 def _report_native(d: dict, off: bool) -> None:
@@ -124,7 +132,8 @@ def _report_native(d: dict, off: bool) -> None:
     mv = d.get("matvec")
     if mv:
         seconds = mv["compile_seconds"]
-        state = "off (QKV_COMPILE=0)" if off else "checked" if mv["passes_check"] else "NOT used (failed its check)"
+        state = "off (QKV_COMPILE=0)" if off else "checked" if mv["passes_check"] else \
+            "NOT built (see above)" if mv["error"] else "NOT used (failed its check)"
         uses = {"q4": "the 4-bit matrices", "q8": "the int8 unembedding"}
         print(f"native matrix-vector operators: {mv['path']} "
               f"({'cached' if seconds is None else f'built in {seconds:.1f} s'}; {state}); one-token steps use them "

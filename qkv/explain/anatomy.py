@@ -379,7 +379,8 @@ def held_bytes(model: nn.Module) -> dict:
     params = {id(p): p for p in model.parameters()}.values()
     bufs = {id(b): (n.rsplit(".", 1)[-1], b) for n, b in model.named_buffers()}.values()
     dtypes = sorted({str(p.dtype).replace("torch.", "") for p in params})
-    kinds = {"packed": "int4 decode copies", "scales_zeros": "int4 decode copies", "weight16": "float16 decode copies",
+    kinds = {"packed": "int4 decode copies", "scales_zeros": "int4 decode copies", "blocks": "int4 decode copies",
+             "weight16": "float16 decode copies",
              "w8": "int8 decode copies", "scales8": "int8 decode copies"}
     parts: dict[str, int] = {}
     for name, b in bufs:

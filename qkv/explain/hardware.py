@@ -184,13 +184,23 @@ def _matvec_path() -> dict:
     and which compact kinds a model loaded now multiplies with them (QKV_MATVEC)."""
     from ..errors import ConfigError
     from ..weights import matvec
+    from ..weights.cache import compile_mode
 
     try:
-        works, decodes = matvec.available(), sorted(matvec.kernels())
+        mode = compile_mode()
+        if mode == "1":  # the report builds nothing: what a process would find now
+            mode = "auto"
+            saved, os.environ["QKV_COMPILE"] = os.environ["QKV_COMPILE"], "auto"
+            try:
+                works, decodes = matvec.available(), sorted(matvec.kernels())
+            finally:
+                os.environ["QKV_COMPILE"] = saved
+        else:
+            works, decodes = matvec.available(), sorted(matvec.kernels())
     except ConfigError as e:  # a mistyped QKV_MATVEC or QKV_COMPILE: said, not a crash of the report
-        works, decodes = False, [f"none ({e})"]
+        mode, works, decodes = "?", False, [f"none ({e})"]
     return {"op": "qkv.q4_mv, qkv.q8_mv", "exists": matvec.library_path() is not None, "works": works,
-            "decodes": decodes}
+            "off": mode == "0", "decodes": decodes}
 
 
 def _int8_path() -> dict:
@@ -274,13 +284,15 @@ def render_hardware(r: dict) -> str:
                  + f"; oneDNN bf16 {_yes(b['onednn_bf16'])}")
     for name, p in r["low_bit"].items():
         if name == "qkv_matvec":
-            state = "works" if p["works"] else "built but not used" if p["exists"] else "not built (qkv compile)"
+            state = "works" if p["works"] else "off (QKV_COMPILE=0)" if p["off"] else \
+                "built but not used (failed its check)" if p["exists"] else "not built (qkv compile)"
             uses = {"q4": "4-bit matrices", "q8": "int8 unembedding"}
             lines.append(f"{'qkv':<10} {p['op']}: {state}; one-token steps use them for "
                          f"{', '.join(uses.get(k, k) for k in p['decodes']) or 'nothing'}")
             continue
         state = "works" if p["works"] else "exists but failed on a tiny input" if p["exists"] else "missing"
-        use = " (qkv: GGUF Q4 one-token steps)" if name == "int4" else " (qkv: the compact mode's unembedding)"
+        use = (" (qkv: GGUF Q4 one-token steps, where q4_mv is not used)" if name == "int4" else
+               " (qkv: the compact mode's unembedding, where q8_mv is not used)")
         lines.append(f"{name:<10} {p['op']}: {state}{use}")
     lines.append("GPU        " + _gpu_text(r["gpu"]))
     mm = r["matmul"]

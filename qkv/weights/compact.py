@@ -5,7 +5,8 @@ values kept as they are, nothing dequantised to a resident float32 copy.
   bfloat16 scale and zero per group of 32 (q/k/v and gate/up fused, one matmul each) — or, where the
   native 4-bit operator decodes (qkv.weights.matvec: AVX2 CPUs), the file's own blocks, rows in qkv's order.
 * Any other matrix type, and the unembedding whatever its type: int8 per row (symmetric, round to
-  nearest) of its exact values, multiplied by ``torch.ops.aten._weight_int8pack_mm``.
+  nearest) of its exact values, multiplied by ``torch.ops.aten._weight_int8pack_mm`` — the unembedding by
+  qkv's native ``q8_mv`` where qkv.weights.matvec is built (AVX2 and AVX-512 CPUs).
 * The embedding: rows dequantised from the mapped file when they are looked up (exact).
 * Norms stay float32 parameters.
 
@@ -119,8 +120,8 @@ def _kind(path: str, parts: list[_Part], native: frozenset = frozenset()) -> str
     """``q4`` (qkv's native operator on the file's blocks: all parts of one 4-bit type), ``int4`` (torch's
     kernel), ``int8`` (the unembedding, and matrices of other types) or ``q8`` (those int8 rows, qkv's native
     operator); ``native`` holds the native kinds this load may use (qkv.weights.matvec.kernels)."""
-    if path == "lm_head" or not all(p.type in INT4_TYPES for p in parts):
-        return "q8" if "q8" in native and parts[0].shape[1] % 32 == 0 else "int8"  # the operator's blocks of 32
+    if path == "lm_head" or not all(p.type in INT4_TYPES for p in parts):  # q8: the unembedding's one row a step
+        return "q8" if path == "lm_head" and "q8" in native and parts[0].shape[1] % 32 == 0 else "int8"
     return "q4" if "q4" in native and len({p.type for p in parts}) == 1 else "int4"
 
 

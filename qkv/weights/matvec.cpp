@@ -22,9 +22,11 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
 #include <vector>
 #if defined(__AVX2__) || defined(__F16C__)
@@ -63,10 +65,12 @@ void quantize_row(const float *x, int64_t k, int8_t *q, float *d, float *s) {
             d[b] = s[b] = std::numeric_limits<float>::quiet_NaN();
             continue;
         }
-        const float db = amax / 127.f, inv = db != 0.f ? 1.f / db : 0.f;
+        float db = amax / 127.f, inv = db != 0.f ? 1.f / db : 0.f;
+        if (!std::isfinite(inv)) db = inv = 0.f;  // a block below ~1e-36: zero (1 / d would overflow)
         int sum = 0;
         for (int j = 0; j < 32; ++j) {
-            const int v = static_cast<int>(std::nearbyint(xb[j] * inv));  // to nearest even (default mode)
+            // to nearest even (the default rounding mode); at most 127 in size but for a last ulp, held there
+            const int v = std::max(-127, std::min(127, static_cast<int>(std::nearbyint(xb[j] * inv))));
             q[32 * b + j] = static_cast<int8_t>(v);
             sum += v;
         }
@@ -87,7 +91,7 @@ void rows(const uint8_t *w, int64_t nb, int64_t m, int64_t n, const int8_t *xqs,
             const int8_t *xq = xqs + i * nb * 32;
             const float *xd = xds + i * nb, *xs = xss + i * nb;
             float tail = 0.f;  // the minimums' (Q4_0: the -8's) share
-#if defined(__AVX2__)
+#if defined(__AVX2__) && defined(__FMA__)
             const __m128i low = _mm_set1_epi8(0x0f);
             const __m256i ones = _mm256_set1_epi16(1);
             __m256 acc = _mm256_setzero_ps();
@@ -140,21 +144,43 @@ Quantised quantize(const at::Tensor &x) {
     return out;
 }
 
+// The operands' checks, shared by the CPU kernels and the Meta ones (what torch.export traces with).
 void check_x(const at::Tensor &x, const char *op) {
-    TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(), "qkv::", op,
-                ": x must be a 2-d float32 CPU tensor (M, K)");
-    TORCH_CHECK(x.size(1) % 32 == 0, "qkv::", op, ": x has K = ", x.size(1), ", not a multiple of 32");
+    TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "qkv::", op, ": x must be a 2-d float32 tensor (M, K)");
+    TORCH_CHECK(x.size(1) > 0 && x.size(1) % 32 == 0, "qkv::", op, ": x has K = ", x.size(1),
+                ", not a positive multiple of 32");
+}
+
+int64_t check_q4(const at::Tensor &x, const at::Tensor &blocks, int64_t kind) {
+    TORCH_CHECK(kind == 0 || kind == 1, "qkv::q4_mv: kind must be 0 (Q4_0) or 1 (Q4_1), got ", kind);
+    check_x(x, "q4_mv");
+    TORCH_CHECK(blocks.dim() == 2 && blocks.scalar_type() == at::kByte && blocks.is_contiguous(),
+                "qkv::q4_mv: blocks must be a contiguous 2-d uint8 tensor (N, K / 32 * block bytes)");
+    const int64_t bytes = kind == 1 ? 20 : 18;
+    TORCH_CHECK(blocks.size(1) == x.size(1) / 32 * bytes, "qkv::q4_mv: x has K = ", x.size(1),
+                " but blocks has rows of ", blocks.size(1), " bytes (K / 32 blocks of ", bytes, ")");
+    return blocks.size(0);
+}
+
+int64_t check_q8(const at::Tensor &x, const at::Tensor &w8, const at::Tensor &scales) {
+    check_x(x, "q8_mv");
+    TORCH_CHECK(w8.dim() == 2 && w8.scalar_type() == at::kChar && w8.is_contiguous(),
+                "qkv::q8_mv: w8 must be a contiguous 2-d int8 tensor (N, K)");
+    TORCH_CHECK(scales.dim() == 1 && scales.scalar_type() == at::kBFloat16 && scales.is_contiguous() &&
+                    scales.size(0) == w8.size(0),
+                "qkv::q8_mv: scales must be a contiguous bfloat16 tensor of one scale a row of w8 (N,)");
+    TORCH_CHECK(w8.size(1) == x.size(1), "qkv::q8_mv: x has K = ", x.size(1), " but w8 has rows of ", w8.size(1));
+    return w8.size(0);
+}
+
+void check_cpu(std::initializer_list<const at::Tensor *> ts, const char *op) {
+    for (const at::Tensor *t : ts)
+        TORCH_CHECK(t->device().is_cpu(), "qkv::", op, ": every operand must be on the CPU, got ", t->device());
 }
 
 at::Tensor q4_mv(const at::Tensor &x, const at::Tensor &blocks, int64_t kind) {
-    TORCH_CHECK(kind == 0 || kind == 1, "qkv::q4_mv: kind must be 0 (Q4_0) or 1 (Q4_1), got ", kind);
-    check_x(x, "q4_mv");
-    TORCH_CHECK(blocks.dim() == 2 && blocks.scalar_type() == at::kByte && blocks.device().is_cpu() &&
-                    blocks.is_contiguous(),
-                "qkv::q4_mv: blocks must be a contiguous 2-d uint8 CPU tensor (N, K / 32 * block bytes)");
-    const int64_t m = x.size(0), k = x.size(1), n = blocks.size(0), bytes = kind == 1 ? 20 : 18;
-    TORCH_CHECK(blocks.size(1) == k / 32 * bytes, "qkv::q4_mv: x has K = ", k, " but blocks has rows of ",
-                blocks.size(1), " bytes (K / 32 blocks of ", bytes, ")");
+    const int64_t n = check_q4(x, blocks, kind), m = x.size(0), k = x.size(1);
+    check_cpu({&x, &blocks}, "q4_mv");
     at::Tensor y = at::empty({m, n}, x.options());
     if (m == 0 || n == 0) return y;
     const Quantised xq = quantize(x);
@@ -183,7 +209,7 @@ void rows8(const int8_t *w, const uint16_t *scales, int64_t k, int64_t m, int64_
         for (int64_t i = 0; i < m; ++i) {
             const int8_t *xq = xqs + i * k;
             const float *xd = xds + i * nb;
-#if defined(__AVX2__)
+#if defined(__AVX2__) && defined(__FMA__)
             const __m256i ones = _mm256_set1_epi16(1);
             __m256 acc = _mm256_setzero_ps();
             for (int64_t b = 0; b < nb; ++b) {
@@ -213,14 +239,8 @@ void rows8(const int8_t *w, const uint16_t *scales, int64_t k, int64_t m, int64_
 }
 
 at::Tensor q8_mv(const at::Tensor &x, const at::Tensor &w8, const at::Tensor &scales) {
-    check_x(x, "q8_mv");
-    TORCH_CHECK(w8.dim() == 2 && w8.scalar_type() == at::kChar && w8.device().is_cpu() && w8.is_contiguous(),
-                "qkv::q8_mv: w8 must be a contiguous 2-d int8 CPU tensor (N, K)");
-    TORCH_CHECK(scales.dim() == 1 && scales.scalar_type() == at::kBFloat16 && scales.is_contiguous() &&
-                    scales.size(0) == w8.size(0),
-                "qkv::q8_mv: scales must be a contiguous bfloat16 tensor of one scale a row of w8 (N,)");
-    const int64_t m = x.size(0), k = x.size(1), n = w8.size(0);
-    TORCH_CHECK(w8.size(1) == k, "qkv::q8_mv: x has K = ", k, " but w8 has rows of ", w8.size(1));
+    const int64_t n = check_q8(x, w8, scales), m = x.size(0), k = x.size(1);
+    check_cpu({&x, &w8, &scales}, "q8_mv");
     at::Tensor y = at::empty({m, n}, x.options());
     if (m == 0 || n == 0) return y;
     const Quantised xq = quantize(x);
@@ -234,11 +254,11 @@ at::Tensor q8_mv(const at::Tensor &x, const at::Tensor &w8, const at::Tensor &sc
 }
 
 at::Tensor q4_mv_meta(const at::Tensor &x, const at::Tensor &blocks, int64_t kind) {
-    return at::empty({x.size(0), blocks.size(0)}, x.options());
+    return at::empty({x.size(0), check_q4(x, blocks, kind)}, x.options().device(at::kMeta));
 }
 
 at::Tensor q8_mv_meta(const at::Tensor &x, const at::Tensor &w8, const at::Tensor &scales) {
-    return at::empty({x.size(0), w8.size(0)}, x.options());
+    return at::empty({x.size(0), check_q8(x, w8, scales)}, x.options().device(at::kMeta));
 }
 
 }  // namespace

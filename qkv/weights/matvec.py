@@ -13,10 +13,12 @@ before the file is loaded). Before a process uses them, it multiplies random blo
 results with :func:`reference` and :func:`reference8` (the same arithmetic in float64 sums): a library that
 does not load is deleted, one that disagrees is not used, and torch's kernels serve instead.
 
-``QKV_MATVEC``: ``auto`` (default) uses ``q8_mv`` for the unembedding wherever the library is there (faster than
-ATen's int8 kernel with its AVX2 and with its AVX-512 code, measured) and ``q4_mv`` for the 4-bit matrices where
-ATen's CPU capability is AVX2 (with AVX-512 code torch's int4 kernel is as fast, and its bfloat16 activations
-are closer); ``native`` uses both whatever the CPU; ``torch`` neither. ``QKV_COMPILE=0`` never loads them.
+``QKV_MATVEC``: ``auto`` (default) uses ``q8_mv`` for the unembedding where ATen's CPU capability is AVX2 or
+AVX-512 and the library is there (faster than ATen's int8 kernel with either code, measured) and ``q4_mv`` for
+the 4-bit matrices where it is AVX2 (with AVX-512 code torch's int4 kernel is as fast, and its bfloat16
+activations are closer); ``native`` uses both whatever the CPU; ``torch`` neither. ``QKV_COMPILE=0`` never
+loads them. The library is looked for in the cache folder of the moment; a process registers the operators
+once, from the first library it loads.
 """
 
 from __future__ import annotations
@@ -62,7 +64,9 @@ def library_path() -> Path | None:
 
 def build(*, force: bool = False) -> float | None:
     """Compile it into the cache unless there (or ``force``); seconds, or None when cached (see native.build)."""
-    seconds = native.build(force=force, source=SOURCE, flags=flags(), what=WHAT, meanwhile=MEANWHILE)
+    seconds = native.build(force=force, source=SOURCE, flags=flags(), what=WHAT, meanwhile=MEANWHILE,
+                           fix="install g++ 10 or newer (it is built against torch's headers, C++20) or set CXX to "
+                               "one; or set QKV_MATVEC=torch")
     if seconds is not None:
         with _LOCK:
             _STATE.clear()
@@ -78,7 +82,10 @@ def kernels() -> frozenset[str]:
     if choice == "torch":
         return frozenset()
     if available():
-        return ALL if choice == "native" or torch.backends.cpu.get_cpu_capability() == "AVX2" else frozenset({"q8"})
+        if choice == "native":
+            return ALL
+        capability = torch.backends.cpu.get_cpu_capability()  # elsewhere the operators run their portable loops
+        return ALL if capability == "AVX2" else frozenset({"q8"}) if capability == "AVX512" else frozenset()
     if choice == "native" and not _STATE.get("said"):
         _STATE["said"] = True
         print(f"qkv: QKV_MATVEC=native, but the {WHAT} are not available (build them: qkv compile); "
@@ -110,10 +117,10 @@ def _load(*, build_missing: bool) -> bool:
         except (ConfigError, OSError) as e:
             print(f"qkv: {one_line(str(e), 300)}", file=sys.stderr)
         path = library_path()
+    if path is None:  # this cache folder has none (one loaded from another folder is not used for it)
+        return False
     if _LOADED:  # one registration of the namespace per process: the library already loaded serves
         return _agrees(_LOADED[0])
-    if path is None:
-        return False
     try:
         torch.ops.load_library(str(path))
     except (OSError, RuntimeError) as e:
@@ -158,7 +165,10 @@ def _int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     m, k = x.shape
     xb = x.float().reshape(m, k // 32, 32)
     d = xb.abs().amax(-1) / 127
-    xq = torch.round(xb * torch.where(d != 0, 1 / d, torch.zeros_like(d))[..., None])
+    inv = torch.where(d != 0, 1 / d, torch.zeros_like(d))
+    tiny = ~torch.isfinite(inv)  # a block below ~1e-36: zero, as the C++ (1 / d would overflow)
+    d, inv = d.masked_fill(tiny, 0), inv.masked_fill(tiny, 0)
+    xq = torch.round(xb * inv[..., None]).clamp_(-127, 127)
     return xq, d, d * xq.sum(-1)  # float32, as the C++ (the sum is an exact integer)
 
 

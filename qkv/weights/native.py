@@ -116,7 +116,8 @@ def library_path(source: Path | None = None, flags: tuple | None = None, what: s
 
 
 def build(*, force: bool = False, source: Path | None = None, flags: tuple | None = None, what: str = WHAT,
-          meanwhile: str = "prompts dequantise in eager meanwhile") -> float | None:
+          meanwhile: str = "prompts dequantise in eager meanwhile",
+          fix: str = "install g++ or set CXX to a working compiler") -> float | None:
     """Compile the library (the dequantiser's unless ``source`` and its ``flags`` are given) into the cache
     unless it is there (or ``force``); the seconds it took, or None when it was cached. ConfigError (one
     line) with no compiler or a failed compile; OSError where the cache folder cannot be written. Written
@@ -147,7 +148,7 @@ def build(*, force: bool = False, source: Path | None = None, flags: tuple | Non
                               "g++ or set CXX to a working compiler") from None
         if done.returncode != 0:
             raise ConfigError(f"{cxx} could not compile {source.name} ({one_line(done.stderr or done.stdout, 240)}); "
-                              "fix: install g++ or set CXX to a working compiler")
+                              f"fix: {fix}")
         os.replace(tmp, stem.parent / _file_name(stem, Path(tmp).read_bytes()))
     finally:
         Path(tmp).unlink(missing_ok=True)

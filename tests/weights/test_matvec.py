@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -108,6 +109,20 @@ def test_int8_rows_are_the_references_and_within_the_roundings_bound(use, n, k, 
         torch.set_num_threads(threads)
 
 
+def test_tiny_and_huge_activations(use):
+    """Blocks whose largest value is below ~1e-36 count as zero (their scale's inverse would overflow); huge
+    values round to +-127 as any others."""
+    blocks = matvec.example("Q4_1", 5, 64, seed=6)
+    w8, scales = torch.randint(-127, 128, (5, 64), dtype=torch.int8), torch.rand(5).bfloat16()
+    x = torch.randn(2, 64)
+    x[0, :32] = 1e-38  # a denormal scale
+    x[1, 32:] = 1e35 * torch.sign(torch.randn(32))
+    for got, want in ((matvec.q4_mv(x, blocks, 1), matvec.reference(x, blocks, 1)),
+                      (matvec.q8_mv(x, w8, scales), matvec.reference8(x, w8, scales))):
+        assert torch.isfinite(want).all() and torch.isfinite(got).all()
+        assert float((got.double() - want).abs().max()) <= 1e-5 * float(want.abs().max())
+
+
 def test_the_error_is_the_int8_rounding_of_the_activations(use):
     """Activations that int8 represents exactly (integers up to 127 in each block with its largest at 127) give
     the exact product up to float32 sums."""
@@ -141,6 +156,7 @@ def test_bad_operands_are_one_message_not_a_crash(use):
         (torch.randn(1, 64), blocks[:, ::2], 1, "contiguous"),
         (torch.randn(1, 64), blocks, 2, "kind"),
         (torch.randn(1, 64), blocks, 0, "K = 64"),  # 20-byte rows are not Q4_0's 18
+        (torch.randn(2, 0), torch.zeros(4, 0, dtype=torch.uint8), 1, "K = 0, not a positive multiple of 32"),
     ]
     for x, b, kind, says in cases:
         with pytest.raises(RuntimeError, match=says):
@@ -152,10 +168,16 @@ def test_bad_operands_are_one_message_not_a_crash(use):
         (torch.randn(1, 64), w8, scales[:3], "one scale a row"),
         (torch.randn(1, 32), w8, scales, "K = 32"),
         (torch.randn(1, 48), torch.zeros(4, 48, dtype=torch.int8), scales, "multiple of 32"),
+        (torch.randn(1, 0), torch.zeros(4, 0, dtype=torch.int8), scales, "K = 0"),
     ]
     for x, w, sc, says in cases8:
         with pytest.raises(RuntimeError, match=says):
             torch.ops.qkv.q8_mv(x, w, sc)
+    # an operand on the meta device (what torch.export traces with): shapes only, never an uninitialised CPU result
+    assert torch.ops.qkv.q4_mv(torch.randn(2, 64, device="meta"), blocks, 1).device.type == "meta"
+    assert torch.ops.qkv.q8_mv(torch.randn(1, 64), w8, scales.to("meta")).device.type == "meta"
+    with pytest.raises(RuntimeError, match="K = 96"):  # the meta kernels check what the CPU ones check
+        torch.ops.qkv.q4_mv(torch.randn(1, 96, device="meta"), blocks, 1)
     strided = torch.randn(64, 3)[:, 0].reshape(1, 64)  # a strided x is taken
     assert torch.equal(torch.ops.qkv.q4_mv(strided, blocks, 1), torch.ops.qkv.q4_mv(strided.contiguous(), blocks, 1))
     assert matvec.q4_mv(torch.randn(0, 64), blocks, 1).shape == (0, 4)
@@ -181,12 +203,42 @@ def test_a_damaged_library_is_deleted_unloaded(use, tmp_path, monkeypatch, capsy
     assert "native matrix-vector operators" in capsys.readouterr().err
 
 
+def test_a_library_that_does_not_load_is_deleted(q4_cache, tmp_path):
+    """A file named as the library (its digest right) that is no shared library: deleted, said in one line,
+    torch's kernels used (a fresh process: this one has registered the operators already)."""
+    (tmp_path / "native").mkdir()
+    name = _library_in(q4_cache).name.rsplit("-", 1)[0]
+    data = b"not a shared library" * 50
+    import hashlib
+
+    bad = tmp_path / "native" / f"{name}-{hashlib.sha256(data).hexdigest()[:16]}.so"
+    bad.write_bytes(data)
+    env = {**os.environ, "QKV_CACHE_DIR": str(tmp_path), "QKV_COMPILE": "auto", "QKV_MATVEC": "native"}
+    code = "from qkv.weights import matvec; print(*sorted(matvec.kernels()) or ['none'])"
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["none"] and not bad.exists()
+    lines = done.stderr.strip().splitlines()
+    assert "do not load" in lines[0] and "deleted" in lines[0] and len(lines) == 2  # then: QKV_MATVEC=native, but
+
+
+def test_info_hardware_reports_them(use, capsys):
+    from qkv.cli.main import main
+
+    assert main(["info", "--hardware", "--format", "json", "--matmul-seconds", "0.02"]) == 0
+    mv = json.loads(capsys.readouterr().out)["low_bit"]["qkv_matvec"]
+    assert mv["exists"] and mv["works"] and mv["decodes"] == ["q4", "q8"] and not mv["off"]
+    assert main(["info", "--hardware", "--matmul-seconds", "0.02"]) == 0
+    assert "qkv.q4_mv, qkv.q8_mv: works; one-token steps use them for 4-bit matrices, int8 unembedding" in \
+        capsys.readouterr().out
+
+
 def test_kernel_choice(use, monkeypatch, capsys):
     assert matvec.kernels() == {"q4", "q8"}
     monkeypatch.setenv("QKV_MATVEC", "torch")
     assert matvec.kernels() == frozenset()
-    monkeypatch.setenv("QKV_MATVEC", "auto")  # q8 wherever it is built; q4 on AVX2 kernels only
-    assert matvec.kernels() == ({"q4", "q8"} if torch.backends.cpu.get_cpu_capability() == "AVX2" else {"q8"})
+    monkeypatch.setenv("QKV_MATVEC", "auto")  # q8 on AVX2 and AVX-512 kernels; q4 on AVX2 kernels only
+    want = {"AVX2": {"q4", "q8"}, "AVX512": {"q8"}}.get(torch.backends.cpu.get_cpu_capability(), set())
+    assert matvec.kernels() == want
     monkeypatch.setenv("QKV_COMPILE", "0")  # never loads compiled code: torch's kernels
     monkeypatch.setenv("QKV_MATVEC", "native")
     monkeypatch.setattr(matvec, "_STATE", {})
@@ -197,6 +249,7 @@ def test_kernel_choice(use, monkeypatch, capsys):
         matvec.kernels()
 
 
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="ATEN_CPU_CAPABILITY=avx2 is x86's")
 def test_auto_decodes_with_them_on_avx2_kernels(q4_cache):
     """A process whose ATen kernels are AVX2 (ATEN_CPU_CAPABILITY=avx2 stands in for an AVX2-only CPU) chooses
     both by itself where the library is cached, and torch's kernels with QKV_COMPILE=0."""
@@ -220,7 +273,8 @@ def native_model(q4_cache):
 
 def test_smollm2_decodes_through_it_close_to_float32(native_model, smollm2):
     """The file's blocks are the weights (nothing re-rounded): one-token steps' KL against the float32 model
-    small, greedy tokens equal where float32 is not near a tie, and prompts (exact weights) unchanged."""
+    small, greedy tokens equal where float32 is not near a tie, and the exact analyses' weights unchanged."""
+    from qkv.nn.quant import exact_weights
     from qkv.generate import SamplingOptions, generate_ids
     from qkv.nn.quant import CompactLinear
 
@@ -230,6 +284,8 @@ def test_smollm2_decodes_through_it_close_to_float32(native_model, smollm2):
         assert isinstance(mod, CompactLinear) and mod.kind == "q4" and mod.blocks.dtype == torch.uint8
     assert m.lm_head.kind == "q8" and "native operator" in native_model.info["decode_weights"]
     ids = smollm2.tokenizer.encode("The history of science shows that")
+    with torch.inference_mode(), exact_weights(m):  # what explain and qkv.capture see: the float32 model's logits
+        torch.testing.assert_close(m(torch.tensor([ids * 3])), smollm2.model(torch.tensor([ids * 3])), rtol=0, atol=0)
     ref_tokens = list(generate_ids(smollm2.model, ids, SamplingOptions(temperature=0), max_new_tokens=32))
     seq = torch.tensor([ids + ref_tokens])
     caches = [x.model.make_cache(1, 64) for x in (smollm2, native_model)]
