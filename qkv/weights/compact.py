@@ -188,7 +188,8 @@ def build(model, f, cfg, hf_to_gguf: dict[str, str], *, use_cache: bool = True) 
         else:
             mod = CompactLinear.from_int8(tensors[f"{p}.w8"], tensors[f"{p}.scales8"], exact, native=kind == "q8")
         mod.prompt_dtype = prompt
-        mod.small_m = COMPACT_ROWS_Q4 if kind == "q4" else COMPACT_ROWS_BF16 if prompt == torch.bfloat16 else COMPACT_ROWS
+        mod.small_m = (COMPACT_ROWS_Q4 if kind == "q4" else
+                       COMPACT_ROWS_BF16 if prompt == torch.bfloat16 else COMPACT_ROWS)
         _place(model, p, mod)
     emb = _Part(f, hf_to_gguf["model.embed_tokens.weight"], None)
     model.model.embed_tokens = CompactEmbedding(emb.shape[0], emb.shape[1], _rows_fn(emb), emb.exact)

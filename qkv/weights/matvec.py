@@ -44,7 +44,7 @@ CHOICES = ("auto", "native", "torch")
 ALL = frozenset({"q4", "q8"})  # the compact kinds these operators multiply
 
 _LOCK = threading.RLock()
-_STATE: dict = {}  # (library flags, QKV_COMPILE) -> whether the operators are loaded and agree with the references
+_STATE: dict = {}  # (the library's name in the cache folder, QKV_COMPILE) -> loaded and agreeing with the references
 _LOADED: list[Path] = []  # the one library this process registered qkv's operators from (a namespace registers once)
 
 

@@ -304,7 +304,8 @@ def test_smollm2_decodes_through_it_close_to_float32(native_model, smollm2):
     print(f"native operators: mean KL {sum(kls) / len(kls):.2e}, max {max(kls):.2e}; greedy {agree}/{clear}")
     assert sum(kls) / len(kls) < 2e-2 and agree == clear
     got = list(generate_ids(m, ids, SamplingOptions(temperature=0), max_new_tokens=32))
-    print(f"greedy tokens equal to float32's for {next((i for i, (a, b) in enumerate(zip(got, ref_tokens)) if a != b), 32)} of 32")
+    equal = next((i for i, (a, b) in enumerate(zip(got, ref_tokens)) if a != b), 32)
+    print(f"greedy tokens equal to float32's for {equal} of 32")
 
 
 def test_the_compiled_step_calls_it(q4_cache, tmp_path, monkeypatch):
