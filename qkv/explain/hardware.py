@@ -186,17 +186,8 @@ def _matvec_path() -> dict:
     from ..weights import matvec
     from ..weights.cache import compile_mode
 
-    try:
-        mode = compile_mode()
-        if mode == "1":  # the report builds nothing: what a process would find now
-            mode = "auto"
-            saved, os.environ["QKV_COMPILE"] = os.environ["QKV_COMPILE"], "auto"
-            try:
-                works, decodes = matvec.available(), sorted(matvec.kernels())
-            finally:
-                os.environ["QKV_COMPILE"] = saved
-        else:
-            works, decodes = matvec.available(), sorted(matvec.kernels())
+    try:  # the report builds nothing, whatever QKV_COMPILE: what a process finds now
+        mode, works, decodes = compile_mode(), matvec.available(build=False), sorted(matvec.kernels(build=False))
     except ConfigError as e:  # a mistyped QKV_MATVEC or QKV_COMPILE: said, not a crash of the report
         mode, works, decodes = "?", False, [f"none ({e})"]
     return {"op": "qkv.q4_mv, qkv.q8_mv", "exists": matvec.library_path() is not None, "works": works,

@@ -196,14 +196,11 @@ def build(model, f, cfg, hf_to_gguf: dict[str, str], *, use_cache: bool = True) 
     if getattr(cfg, "tie_word_embeddings", False):  # one resident table if either side is read
         model.lm_head._exact_fn = _table_of(model.model.embed_tokens)
         object.__setattr__(model.lm_head, "tie_key", model.model.embed_tokens)  # qkv info shows the tie (not a child)
-    four = [f"{kinds['q4']} matrices int4 as the file's blocks (qkv's native operator, int8 activations)"] \
-        if kinds["q4"] else []
-    if kinds["int4"] or not four:
-        four.append(f"{kinds['int4']} matrices int4")
-    eight = f"{kinds['q8']} int8 (unembedding per-row int8, the native operator)" if kinds["q8"] else \
-        f"{kinds['int8']} int8 (unembedding per-row int8)"
-    info["decode_weights"] = (f"{', '.join(four)}, {eight}; "
-                              "embedding rows read from the file; prompts on the weights dequantised per call "
+    described = {"q4": "int4 (the file's blocks, qkv's native operator)", "int4": "int4",
+                 "int8": "int8 (per row)", "q8": "int8 (per row, qkv's native operator)"}
+    made = ", ".join(f"{n} matrices {described[k]}" for k, n in kinds.items() if n)
+    info["decode_weights"] = (f"{made} (the unembedding int8); embedding rows read from the file; prompts on the "
+                              "weights dequantised per call "
                               f"({str(prompt).removeprefix('torch.')}); analyses on the exact float32 weights")
     info["prompt_dtype"] = str(prompt).removeprefix("torch.")
     return info

@@ -49,6 +49,14 @@ inline float half_at(const uint8_t *p) {
 #endif
 }
 
+#if defined(__AVX2__) && defined(__FMA__)
+inline float hsum(__m256 v) {  // the 8 lanes' sum
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+#endif
+
 // One row of x (K floats) -> int8 codes, per-block scales d_x and d_x * sum(codes). A block holding a NaN or an
 // infinity gets the scale NaN (codes 0), so that every output it reaches is NaN, never a finite guess.
 void quantize_row(const float *x, int64_t k, int8_t *q, float *d, float *s) {
@@ -106,10 +114,7 @@ void rows(const uint8_t *w, int64_t nb, int64_t m, int64_t n, const int8_t *xqs,
                 acc = _mm256_fmadd_ps(_mm256_set1_ps(dw * xd[b]), _mm256_cvtepi32_ps(dot), acc);
                 tail += (kQ41 ? half_at(blk + 2) : -8.f * dw) * xs[b];
             }
-            __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-            h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-            h = _mm_add_ss(h, _mm_movehdup_ps(h));
-            y[i * n + r] = _mm_cvtss_f32(h) + tail;
+            y[i * n + r] = hsum(acc) + tail;
 #else
             float total = 0.f;
             for (int64_t b = 0; b < nb; ++b) {
@@ -221,10 +226,7 @@ void rows8(const int8_t *w, const uint16_t *scales, int64_t k, int64_t m, int64_
                     _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv)), ones);
                 acc = _mm256_fmadd_ps(_mm256_set1_ps(xd[b]), _mm256_cvtepi32_ps(dot), acc);
             }
-            __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-            h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-            h = _mm_add_ss(h, _mm_movehdup_ps(h));
-            y[i * n + r] = scale * _mm_cvtss_f32(h);
+            y[i * n + r] = scale * hsum(acc);
 #else
             float total = 0.f;
             for (int64_t b = 0; b < nb; ++b) {

@@ -44,8 +44,9 @@ CHOICES = ("auto", "native", "torch")
 ALL = frozenset({"q4", "q8"})  # the compact kinds these operators multiply
 
 _LOCK = threading.RLock()
-_STATE: dict = {}  # (the library's name in the cache folder, QKV_COMPILE) -> loaded and agreeing with the references
-_LOADED: list[Path] = []  # the one library this process registered qkv's operators from (a namespace registers once)
+_STATE: dict = {}  # (the library's name in the cache folder, build if missing) -> loaded and agreeing
+_LOADED: dict[Path, bool] = {}  # the one library this process registered the operators from (a namespace registers
+# once) -> whether it agrees with the references
 
 
 def flags() -> tuple[str, ...]:
@@ -73,15 +74,16 @@ def build(*, force: bool = False) -> float | None:
     return seconds
 
 
-def kernels() -> frozenset[str]:
+def kernels(*, build: bool = True) -> frozenset[str]:
     """The compact kinds a model loaded now multiplies with these operators (QKV_MATVEC): ``q4`` (the 4-bit
-    matrices, as the file's blocks) and ``q8`` (the int8 unembedding); the rest uses torch's kernels."""
+    matrices, as the file's blocks) and ``q8`` (the int8 unembedding); the rest uses torch's kernels.
+    ``build=False``: never build the library, even under QKV_COMPILE=1 (a report of what is there)."""
     choice = os.environ.get("QKV_MATVEC", "auto")
     if choice not in CHOICES:
         raise ConfigError(f"QKV_MATVEC={choice!r} is not auto, native or torch; fix: set one of those or unset it")
     if choice == "torch":
         return frozenset()
-    if available():
+    if available(build=build):
         if choice == "native":
             return ALL
         capability = torch.backends.cpu.get_cpu_capability()  # elsewhere the operators run their portable loops
@@ -93,19 +95,20 @@ def kernels() -> frozenset[str]:
     return frozenset()
 
 
-def available() -> bool:
-    """Whether ``torch.ops.qkv.q4_mv`` and ``q8_mv`` are loaded (from the cached library; with QKV_COMPILE=1 built
-    first) and agree with :func:`reference` and :func:`reference8`; looked up once per process."""
+def available(*, build: bool = True) -> bool:
+    """Whether ``torch.ops.qkv.q4_mv`` and ``q8_mv`` are loaded (from the cached library; with QKV_COMPILE=1 and
+    ``build`` built first) and agree with :func:`reference` and :func:`reference8`; looked up once per process
+    and cache folder."""
     how = compile_mode()
     if how == "0":
         return False
-    key = (native._stem(SOURCE, flags()), how)  # per cache folder: each is looked in once
+    key = (native._stem(SOURCE, flags()), build and how == "1")
     ok = _STATE.get(key)
     if ok is None:
         with _LOCK:
             ok = _STATE.get(key)
             if ok is None:
-                ok = _STATE[key] = _load(build_missing=how == "1")
+                ok = _STATE[key] = _load(build_missing=key[1])
     return ok
 
 
@@ -120,15 +123,15 @@ def _load(*, build_missing: bool) -> bool:
     if path is None:  # this cache folder has none (one loaded from another folder is not used for it)
         return False
     if _LOADED:  # one registration of the namespace per process: the library already loaded serves
-        return _agrees(_LOADED[0])
+        return next(iter(_LOADED.values()))
     try:
         torch.ops.load_library(str(path))
     except (OSError, RuntimeError) as e:
         print(f"qkv: the {WHAT} {path} do not load ({one_line(str(e), 160)}); {native._delete(path)}, "
               "decoding uses torch's int4/int8 kernels", file=sys.stderr)
         return False
-    _LOADED.append(path)
-    return _agrees(path)
+    _LOADED[path] = _agrees(path)
+    return _LOADED[path]
 
 
 def _agrees(path: Path) -> bool:

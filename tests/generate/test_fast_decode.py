@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import qkv
-from qkv.generate import SamplingOptions, generate_ids
 from qkv.nn.quant import CompactEmbedding, CompactLinear
+
+from tests.decode_check import steps_against_float32
 
 
 @pytest.fixture(scope="module")
@@ -79,22 +80,7 @@ def test_short_prompts_run_on_the_compact_kernels_close_to_float32(fast, smollm2
 def test_decode_steps_stay_close_to_float32(fast, smollm2):
     """Each cached one-token step: KL(fp32 || fast) small; greedy tokens agree where fp32 is not near a tie."""
     ids = smollm2.tokenizer.encode("The history of science shows that")
-    ref_tokens = list(generate_ids(smollm2.model, ids, SamplingOptions(temperature=0), max_new_tokens=24))
-    caches = [m.model.make_cache(1, 64) for m in (smollm2, fast)]
-    seq = torch.tensor([ids + ref_tokens])
-    kls, agree, clear = [], 0, 0
-    with torch.inference_mode():
-        for m, c in zip((smollm2, fast), caches):
-            m.model(seq[:, :len(ids)], cache=c)
-        for i in range(len(ids), seq.shape[1]):
-            step = seq[:, i:i + 1]
-            ref, got = (m.model(step, cache=c)[0, -1] for m, c in zip((smollm2, fast), caches))
-            p, q = torch.log_softmax(ref, -1), torch.log_softmax(got, -1)
-            kls.append(float((p.exp() * (p - q)).sum()))
-            top2 = torch.topk(ref, 2).values
-            if top2[0] - top2[1] > 0.5:
-                clear += 1
-                agree += int(ref.argmax() == got.argmax())
+    kls, agree, clear, _ = steps_against_float32(smollm2, fast, ids, 24)
     print(f"mean KL {sum(kls) / len(kls):.2e}, max {max(kls):.2e}; greedy agreement {agree}/{clear}")
     assert sum(kls) / len(kls) < 2e-2 and agree == clear
 

@@ -24,6 +24,8 @@ from qkv.errors import ConfigError
 from qkv.weights import matvec
 from qkv.weights.int4 import dequantize_into
 
+from tests.decode_check import steps_against_float32
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -186,6 +188,7 @@ def test_bad_operands_are_one_message_not_a_crash(use):
 def test_a_library_that_disagrees_is_not_used(use, monkeypatch, capsys):
     monkeypatch.setattr(matvec, "reference8", lambda x, w8, scales: torch.ones(x.shape[0], w8.shape[0]).double())
     monkeypatch.setattr(matvec, "_STATE", {})
+    monkeypatch.setattr(matvec, "_LOADED", {})  # checked anew (loading the same file again registers nothing)
     assert not matvec.available() and matvec.kernels() == frozenset()
     err = capsys.readouterr().err
     assert "are not used (their int8 products differ from the reference)" in err
@@ -286,21 +289,7 @@ def test_smollm2_decodes_through_it_close_to_float32(native_model, smollm2):
     ids = smollm2.tokenizer.encode("The history of science shows that")
     with torch.inference_mode(), exact_weights(m):  # what explain and qkv.capture see: the float32 model's logits
         torch.testing.assert_close(m(torch.tensor([ids * 3])), smollm2.model(torch.tensor([ids * 3])), rtol=0, atol=0)
-    ref_tokens = list(generate_ids(smollm2.model, ids, SamplingOptions(temperature=0), max_new_tokens=32))
-    seq = torch.tensor([ids + ref_tokens])
-    caches = [x.model.make_cache(1, 64) for x in (smollm2, native_model)]
-    kls, agree, clear = [], 0, 0
-    with torch.inference_mode():
-        for x, c in zip((smollm2, native_model), caches):
-            x.model(seq[:, :len(ids)], cache=c)
-        for i in range(len(ids), seq.shape[1]):
-            ref, got = (x.model(seq[:, i:i + 1], cache=c)[0, -1] for x, c in zip((smollm2, native_model), caches))
-            p, q = torch.log_softmax(ref, -1), torch.log_softmax(got, -1)
-            kls.append(float((p.exp() * (p - q)).sum()))
-            top2 = torch.topk(ref, 2).values
-            if top2[0] - top2[1] > 0.5:
-                clear += 1
-                agree += int(ref.argmax() == got.argmax())
+    kls, agree, clear, ref_tokens = steps_against_float32(smollm2, native_model, ids, 32)
     print(f"native operators: mean KL {sum(kls) / len(kls):.2e}, max {max(kls):.2e}; greedy {agree}/{clear}")
     assert sum(kls) / len(kls) < 2e-2 and agree == clear
     got = list(generate_ids(m, ids, SamplingOptions(temperature=0), max_new_tokens=32))
@@ -330,6 +319,14 @@ def test_the_compiled_step_calls_it(q4_cache, tmp_path, monkeypatch):
     assert d["built"] and d["self_check"] <= compiled.TOLERANCE
     step = compiled.step_for(model)
     assert step is not None
+    calls = []
+    runner = step.runner
+
+    class Counting:  # a step that silently fell back to eager would not count
+        def run(self, inputs):
+            calls.append(1)
+            return runner.run(inputs)
+    step.runner = Counting()
     ids = [3, 5, 7]
 
     def greedy(m, n=12):
@@ -342,6 +339,7 @@ def test_the_compiled_step_calls_it(q4_cache, tmp_path, monkeypatch):
                 lg = m(torch.tensor([[out[-1]]]), cache=cache, last_only=True)[:, -1]
         return out
     compiled_tokens = greedy(model)
+    assert len(calls) == 12  # every one-token step through the package, which calls the operators
     model.__dict__["_compiled_step"] = None  # the eager step
     assert greedy(model) == compiled_tokens
 
