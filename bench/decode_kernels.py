@@ -12,6 +12,10 @@ compiled decode step built into a scratch cache (about a minute each, not timed)
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 .venv/bin/python bench/decode_kernels.py --march haswell
         # the AVX2 stand-in: torch's AVX2 kernels, and qkv's libraries built with AVX2 code only
 
+``--prompts 4 8 16 24 32 48`` times short prompts instead (no compiled step): for each choice, each length's
+prefill with the compact matrices (their small kernels, whatever rows they are set for) against the same
+model's dequantised path, taking turns — the crossover ``COMPACT_ROWS_Q4`` and its kin are set from.
+
 2 threads (``--threads``). The figures are this machine's; they move by ±20 % from one minute to the next, which
 is why the sides take turns.
 """
@@ -32,9 +36,12 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=10, help="turns of each timing")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--march", help="build qkv's native libraries for this -march (the AVX2 stand-in: haswell)")
+    ap.add_argument("--prompts", type=int, nargs="+", metavar="N", help="time prompts of these lengths instead")
     args = ap.parse_args()
     if args.reps < 1 or not set(args.choices) <= {"auto", "torch", "native"}:
         ap.error("--reps must be >= 1 and the choices among auto, torch, native")
+    if args.prompts and min(args.prompts) < 1:
+        ap.error("--prompts lengths must be >= 1")
     os.environ.setdefault("QKV_CACHE_DIR", tempfile.mkdtemp(prefix="qkv-bench-kernels-"))
     os.environ["QKV_COMPILE"] = "auto"
     import torch
@@ -51,6 +58,8 @@ def main() -> None:
     from qkv.models import compiled
     from qkv.nn.quant import small_matmul
 
+    if args.prompts:
+        return prompts(args)
     models = {}
     for choice in args.choices:
         os.environ["QKV_MATVEC"] = choice
@@ -94,6 +103,50 @@ def main() -> None:
             step = f"{statistics.median(steps[c]):.2f} (fastest {min(steps[c]):.2f})" if i == 0 else ""
             print(f"| {c if i == 0 else ''} | {kind} | {len(items)} | {1000 * statistics.median(times[(c, kind)]):.2f} "
                   f"| {step} |")
+
+
+def prompts(args) -> None:
+    """Each choice's prefill of ``args.prompts`` tokens through the layers' compact matrices' small kernels and
+    through their dequantised weights (small_m 0), taking turns; the medians and their ratio. The unembedding
+    multiplies the last row alone either way."""
+    import torch
+
+    import qkv
+    from qkv.nn.quant import CompactLinear
+
+    text = "The quick brown fox jumps over the lazy dog, and the river keeps its own time. "
+    times: dict[tuple, list[float]] = {}
+    models = {}
+    for choice in args.choices:
+        os.environ["QKV_MATVEC"] = choice
+        loaded = qkv.load("smollm2")
+        mods = [m for name, m in loaded.model.named_modules() if isinstance(m, CompactLinear) and name != "lm_head"]
+        ids = loaded.tokenizer.encode(text * (max(args.prompts) // 10 + 1))
+        models[choice] = (loaded, mods, [m.small_m for m in mods], ids)
+    with torch.inference_mode():
+        for rep in range(args.reps + 1):  # the first turn warms up, untimed
+            for choice, (loaded, mods, small, ids) in models.items():
+                for path in ("compact", "dequantised") if rep % 2 else ("dequantised", "compact"):
+                    for m, s in zip(mods, small):
+                        m.small_m = max(s, max(args.prompts)) if path == "compact" else 0
+                    for n in args.prompts:
+                        x = torch.tensor([ids[:n]])
+                        t0 = time.perf_counter()
+                        loaded.model(x, last_only=True)
+                        if rep:
+                            times.setdefault((choice, path, n), []).append(time.perf_counter() - t0)
+            for _, mods, small, _ in models.values():
+                for m, s in zip(mods, small):
+                    m.small_m = s
+    print(f"\n{torch.backends.cpu.get_cpu_capability()} kernels, {args.threads} threads, median of {args.reps} turns "
+          "(ms a prompt)\n")
+    print("| QKV_MATVEC | kinds | tokens | compact (ms) | dequantised (ms) | compact / dequantised |")
+    print("|---|---|---|---|---|---|")
+    for choice, (_, mods, _, _) in models.items():
+        kinds = ", ".join(sorted({m.kind for m in mods}))
+        for i, n in enumerate(args.prompts):
+            a, b = (1000 * statistics.median(times[(choice, p, n)]) for p in ("compact", "dequantised"))
+            print(f"| {choice if i == 0 else ''} | {kinds if i == 0 else ''} | {n} | {a:.1f} | {b:.1f} | {a / b:.2f} |")
 
 
 if __name__ == "__main__":

@@ -167,9 +167,10 @@ def exact_weights(model: nn.Module):
 # (COMPACT_ROWS_BF16; qkv.weights.compact sets each matrix's small_m for the machine).
 COMPACT_ROWS = 64
 COMPACT_ROWS_BF16 = 40
-# qkv's native 4-bit operator (the ``q4`` kind, AVX2 CPUs) reads each row of W once for all of x's rows but
-# multiplies every pair anew: its crossover with the dequantised prompt measured at 16-24 rows (AVX2 kernels).
-COMPACT_ROWS_Q4 = 16
+# qkv's native 4-bit operator (the ``q4`` kind, AVX2 CPUs) reads each row of W once for all of x's rows and
+# unpacks it once for every 4 of them, but multiplies every pair anew: its crossover with the dequantised prompt
+# measured at ~24-28 rows (AVX2 kernels; bench/decode_kernels.py --prompts, BENCHMARKS.md run 18).
+COMPACT_ROWS_Q4 = 24
 
 
 class CompactLinear(QuantizedLinear):

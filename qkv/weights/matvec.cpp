@@ -87,47 +87,68 @@ void quantize_row(const float *x, int64_t k, int8_t *q, float *d, float *s) {
     }
 }
 
+// y[t * n] = x[t] . W[r] for kT consecutive quantised rows t of x and one row of W (``row``), its blocks read
+// and unpacked once for all kT rows. Each output is the same arithmetic in the same order whatever kT is, so a
+// row of x gets the same bits alone as in a batch (a prompt's rows and its decode steps agree).
+template <bool kQ41, int kT>
+inline void tile(const uint8_t *row, int64_t nb, const int8_t *xq, const float *xd, const float *xs, float *y,
+                 int64_t n) {
+    constexpr int64_t bytes = kQ41 ? 20 : 18, codes = kQ41 ? 4 : 2;
+    float tail[kT] = {};  // the minimums' (Q4_0: the -8's) share
+#if defined(__AVX2__) && defined(__FMA__)
+    const __m128i low = _mm_set1_epi8(0x0f);
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[kT];
+    for (int t = 0; t < kT; ++t) acc[t] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t *blk = row + b * bytes;
+        _mm_prefetch(reinterpret_cast<const char *>(blk + kPrefetchBytes), _MM_HINT_T0);
+        const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i *>(blk + codes));
+        const __m256i q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(c, 4), low), _mm_and_si128(c, low));
+        const float dw = half_at(blk), mw = kQ41 ? half_at(blk + 2) : -8.f * dw;
+        for (int t = 0; t < kT; ++t) {
+            const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(xq + (t * nb + b) * 32));
+            const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(q, xv), ones);  // 8 exact int32 sums
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(dw * xd[t * nb + b]), _mm256_cvtepi32_ps(dot), acc[t]);
+            tail[t] = std::fma(mw, xs[t * nb + b], tail[t]);
+        }
+    }
+    for (int t = 0; t < kT; ++t) y[t * n] = hsum(acc[t]) + tail[t];
+#else
+    float total[kT] = {};
+    for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t *blk = row + b * bytes;
+        const float dw = half_at(blk), mw = kQ41 ? half_at(blk + 2) : -8.f * dw;
+        for (int t = 0; t < kT; ++t) {
+            const int8_t *xb = xq + (t * nb + b) * 32;
+            int dot = 0;
+            for (int j = 0; j < 16; ++j) dot += (blk[codes + j] & 0x0f) * xb[j] + (blk[codes + j] >> 4) * xb[j + 16];
+            total[t] += dw * xd[t * nb + b] * static_cast<float>(dot);
+            tail[t] += mw * xs[t * nb + b];
+        }
+    }
+    for (int t = 0; t < kT; ++t) y[t * n] = total[t] + tail[t];
+#endif
+}
+
 // y[i, r] = x[i] . W[r] for rows [r0, r1) of W and every quantised row i of x (M of them, ``n`` apart in y):
-// one row of W at a time, its blocks in order, read from memory once for all M rows of x.
+// one row of W at a time, read from memory once for all M rows of x, unpacked once for each 4 of them.
 template <bool kQ41>
 void rows(const uint8_t *w, int64_t nb, int64_t m, int64_t n, const int8_t *xqs, const float *xds, const float *xss,
           float *y, int64_t r0, int64_t r1) {
-    constexpr int64_t bytes = kQ41 ? 20 : 18, codes = kQ41 ? 4 : 2;
+    constexpr int64_t bytes = kQ41 ? 20 : 18;
     for (int64_t r = r0; r < r1; ++r) {
         const uint8_t *row = w + r * nb * bytes;
-        for (int64_t i = 0; i < m; ++i) {
-            const int8_t *xq = xqs + i * nb * 32;
-            const float *xd = xds + i * nb, *xs = xss + i * nb;
-            float tail = 0.f;  // the minimums' (Q4_0: the -8's) share
-#if defined(__AVX2__) && defined(__FMA__)
-            const __m128i low = _mm_set1_epi8(0x0f);
-            const __m256i ones = _mm256_set1_epi16(1);
-            __m256 acc = _mm256_setzero_ps();
-            for (int64_t b = 0; b < nb; ++b) {
-                const uint8_t *blk = row + b * bytes;
-                _mm_prefetch(reinterpret_cast<const char *>(blk + kPrefetchBytes), _MM_HINT_T0);
-                const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i *>(blk + codes));
-                const __m256i q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(c, 4), low), _mm_and_si128(c, low));
-                const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(xq + 32 * b));
-                const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(q, xv), ones);  // 8 exact int32 sums
-                const float dw = half_at(blk);
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(dw * xd[b]), _mm256_cvtepi32_ps(dot), acc);
-                tail += (kQ41 ? half_at(blk + 2) : -8.f * dw) * xs[b];
-            }
-            y[i * n + r] = hsum(acc) + tail;
-#else
-            float total = 0.f;
-            for (int64_t b = 0; b < nb; ++b) {
-                const uint8_t *blk = row + b * bytes;
-                int dot = 0;
-                for (int j = 0; j < 16; ++j)
-                    dot += (blk[codes + j] & 0x0f) * xq[32 * b + j] + (blk[codes + j] >> 4) * xq[32 * b + j + 16];
-                const float dw = half_at(blk);
-                total += dw * xd[b] * static_cast<float>(dot);
-                tail += (kQ41 ? half_at(blk + 2) : -8.f * dw) * xs[b];
-            }
-            y[i * n + r] = total + tail;
-#endif
+        int64_t i = 0;
+        for (; i + 4 <= m; i += 4)
+            tile<kQ41, 4>(row, nb, xqs + i * nb * 32, xds + i * nb, xss + i * nb, y + i * n + r, n);
+        const int8_t *xq = xqs + i * nb * 32;
+        const float *xd = xds + i * nb, *xs = xss + i * nb;
+        switch (m - i) {
+            case 3: tile<kQ41, 3>(row, nb, xq, xd, xs, y + i * n + r, n); break;
+            case 2: tile<kQ41, 2>(row, nb, xq, xd, xs, y + i * n + r, n); break;
+            case 1: tile<kQ41, 1>(row, nb, xq, xd, xs, y + i * n + r, n); break;
+            default: break;
         }
     }
 }

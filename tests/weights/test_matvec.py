@@ -1,7 +1,8 @@
 """The native matrix-vector operators (qkv.weights.matvec, matvec.cpp; torch.ops.qkv.q4_mv and q8_mv): built with
 the machine's C++ compiler against the installed torch into a temporary cache, the references' numbers (the same
 int8-activation arithmetic in float64 sums) for both block kinds and int8 rows, every shape a model has and odd
-ones, on one and several threads; the error against the exact float64 product within the rounding's bound;
+ones, on one and several threads; a row of x the same bits alone as in a batch (the 4-bit operator's tiles); the
+portable loops built without AVX2; the error against the exact float64 product within the rounding's bound;
 non-finite inputs give NaN, never a finite guess; bad operands refused in one message; a damaged or
 disagreeing library never used; the choice of kernels (QKV_MATVEC); a model decoding through them close to
 float32, on the module path and in the compiled decode step."""
@@ -83,6 +84,21 @@ def test_products_are_the_references_and_close_to_the_exact_ones(use, name, n, k
         assert torch.equal(matvec.q4_mv(x, blocks, kind), got)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("name", sorted(matvec.KINDS))
+def test_a_row_gets_the_same_bits_alone_as_in_a_batch(use, name):
+    """q4_mv unpacks a row of W once for every 4 rows of x, then 3, 2 or 1 for the rest: each of those tiles must
+    do each row's arithmetic in the same order, so that a prompt's rows equal the decode steps' one-row products."""
+    kind = matvec.KINDS[name]
+    blocks = matvec.example(name, 45, 576, seed=11)
+    x = torch.randn(11, 576, generator=torch.Generator().manual_seed(7)) * 2
+    whole = matvec.q4_mv(x, blocks, kind)
+    for i in range(11):
+        assert torch.equal(matvec.q4_mv(x[i:i + 1], blocks, kind), whole[i:i + 1]), f"row {i} alone"
+    for m in range(1, 11):  # every tile split: 4s then a 3, 2 or 1
+        assert torch.equal(matvec.q4_mv(x[:m], blocks, kind), whole[:m]), f"the first {m} rows"
+        assert torch.equal(matvec.q4_mv(x[m:], blocks, kind), whole[m:]), f"rows {m}.."
 
 
 @pytest.mark.parametrize("n,k,m", [(64, 32, 1), (1, 576, 1), (37, 96, 3), (49152, 576, 1), (300, 1536, 5)])
@@ -204,6 +220,40 @@ def test_a_damaged_library_is_deleted_unloaded(use, tmp_path, monkeypatch, capsy
     monkeypatch.setenv("QKV_CACHE_DIR", str(tmp_path))
     assert matvec.library_path() is None and not bad.exists()
     assert "native matrix-vector operators" in capsys.readouterr().err
+
+
+_PORTABLE = """
+import torch
+from qkv.weights import matvec
+matvec.FLAGS = tuple("-march=x86-64" if f == "-march=native" else f for f in matvec.FLAGS)
+assert matvec.build() is not None and matvec.available()  # available(): checked against the reference
+g = torch.Generator().manual_seed(3)
+for name, kind in matvec.KINDS.items():
+    blocks = matvec.example(name, 45, 576, seed=kind)
+    x = torch.randn(11, 576, generator=g) * 2
+    got = matvec.q4_mv(x, blocks, kind)
+    ref = matvec.reference(x, blocks, kind)
+    assert float((got.double() - ref).abs().max()) <= 2e-6 * float(ref.abs().max()), name
+    for i in range(11):
+        assert torch.equal(matvec.q4_mv(x[i:i + 1], blocks, kind), got[i:i + 1]), (name, i)
+w8, scales = torch.randint(-127, 128, (37, 576), dtype=torch.int8, generator=g), torch.rand(37).bfloat16()
+x = torch.randn(5, 576, generator=g)
+ref = matvec.reference8(x, w8, scales)
+assert float((matvec.q8_mv(x, w8, scales).double() - ref).abs().max()) <= 2e-6 * float(ref.abs().max())
+print("ok")
+"""
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"),
+                    reason="-march=x86-64 (the baseline without AVX2) is an x86 compiler flag")
+def test_the_portable_loop_without_avx2(tmp_path):
+    """The same source built for a baseline x86-64 CPU (no AVX2: the scalar loops) — the path a CPU without AVX2
+    would run under QKV_MATVEC=native — against the reference, tiles included. In a process of its own: a process
+    registers the operators' namespace once."""
+    env = dict(os.environ, QKV_CACHE_DIR=str(tmp_path), QKV_COMPILE="auto", QKV_MATVEC="native")
+    r = subprocess.run([sys.executable, "-c", _PORTABLE], capture_output=True, text=True, env=env, cwd=ROOT,
+                       timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
 
 
 def test_a_library_that_does_not_load_is_deleted(q4_cache, tmp_path):
