@@ -107,8 +107,8 @@ def main() -> None:
 
 def prompts(args) -> None:
     """Each choice's prefill of ``args.prompts`` tokens through the layers' compact matrices' small kernels and
-    through their dequantised weights (small_m 0), taking turns; the medians and their ratio. The unembedding
-    multiplies the last row alone either way."""
+    through their dequantised weights, taking turns; the medians and their ratio. The products of one row (the
+    last layer's after its attention, the unembedding's) stay compact either way, as in use."""
     import torch
 
     import qkv
@@ -127,9 +127,9 @@ def prompts(args) -> None:
         for rep in range(args.reps + 1):  # the first turn warms up, untimed
             for choice, (loaded, mods, small, ids) in models.items():
                 for path in ("compact", "dequantised") if rep % 2 else ("dequantised", "compact"):
-                    for m, s in zip(mods, small):
-                        m.small_m = max(s, max(args.prompts)) if path == "compact" else 0
                     for n in args.prompts:
+                        for m, s in zip(mods, small):  # dequantised: the n-row products (the last layer's
+                            m.small_m = max(s, n) if path == "compact" else n - 1  # one-row ones stay compact)
                         x = torch.tensor([ids[:n]])
                         t0 = time.perf_counter()
                         loaded.model(x, last_only=True)

@@ -169,8 +169,8 @@ COMPACT_ROWS = 64
 COMPACT_ROWS_BF16 = 40
 # qkv's native 4-bit operator (the ``q4`` kind, AVX2 CPUs) reads each row of W once for all of x's rows and
 # unpacks it once for every 4 of them, but multiplies every pair anew: its crossover with the dequantised prompt
-# measured at ~24-28 rows (AVX2 kernels; bench/decode_kernels.py --prompts, BENCHMARKS.md run 18).
-COMPACT_ROWS_Q4 = 24
+# measured at ~20 rows (AVX2 kernels; bench/decode_kernels.py --prompts, BENCHMARKS.md run 18).
+COMPACT_ROWS_Q4 = 20
 
 
 class CompactLinear(QuantizedLinear):

@@ -11,7 +11,7 @@ values kept as they are, nothing dequantised to a resident float32 copy.
 * Norms stay float32 parameters.
 
 One-token decode steps and short prompts (up to ``COMPACT_ROWS`` = 64 tokens, ``COMPACT_ROWS_BF16`` = 40 where
-prompts run in bfloat16, ``COMPACT_ROWS_Q4`` = 24 on the native operator's blocks) run on the compact copies;
+prompts run in bfloat16, ``COMPACT_ROWS_Q4`` = 20 on the native operator's blocks) run on the compact copies;
 longer prompts and every exact analysis (``qkv.nn.quant.exact_weights``) multiply by the exact float32 weights, dequantised from the mapped
 file for the call. The re-packed tensors are cached on disk (``qkv.weights.cache``) and mapped on later
 loads. The GGUF file stays open (mapped, read-only) for the model's lifetime.

@@ -35,7 +35,9 @@ from . import native
 from .cache import compile_mode
 
 SOURCE = Path(__file__).with_name("matvec.cpp")
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++20", "-shared", "-fPIC", "-w")
+# -ffp-contract=off: no multiply-add fused where the source did not write one, so that the portable loops give
+# each row of x the same bits whatever tile it is in, on any CPU (the AVX2 loops write their FMAs explicitly)
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-std=c++20", "-shared", "-fPIC", "-w")
 WHAT = "native matrix-vector operators"
 MEANWHILE = "decoding uses torch's int4/int8 kernels meanwhile"
 KINDS = {"Q4_0": 0, "Q4_1": 1}  # q4_mv's kind numbers

@@ -236,6 +236,7 @@ for name, kind in matvec.KINDS.items():
     assert float((got.double() - ref).abs().max()) <= 2e-6 * float(ref.abs().max()), name
     for i in range(11):
         assert torch.equal(matvec.q4_mv(x[i:i + 1], blocks, kind), got[i:i + 1]), (name, i)
+        assert torch.equal(matvec.q4_mv(x[:i + 1], blocks, kind), got[:i + 1]), (name, "first", i + 1)
 w8, scales = torch.randint(-127, 128, (37, 576), dtype=torch.int8, generator=g), torch.rand(37).bfloat16()
 x = torch.randn(5, 576, generator=g)
 ref = matvec.reference8(x, w8, scales)
