@@ -47,11 +47,11 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    from llm import native_march  # bench/llm.py, beside this script
+
     from qkv.weights import matvec, native
 
-    if args.march:
-        for mod in (native, matvec):
-            mod.FLAGS = tuple(f"-march={args.march}" if f == "-march=native" else f for f in mod.FLAGS)
+    native_march(args.march)
     native.build()
     matvec.build()
     import qkv

@@ -251,6 +251,16 @@ def long_prompt(n: int = 8000, new_tokens: int = 16) -> dict:
             "above_baseline_mb": peak_rss_mb() - BASELINE["mb"]}
 
 
+def native_march(march: str | None) -> None:
+    """Build qkv's native libraries (the dequantiser, the matrix-vector operators) for ``-march=<march>`` instead
+    of this CPU: the AVX2 stand-in's C++ (``haswell``). None leaves them as they are."""
+    if march:
+        from qkv.weights import matvec, native
+
+        for mod in (native, matvec):
+            mod.FLAGS = tuple(f"-march={march}" if f == "-march=native" else f for f in mod.FLAGS)
+
+
 def build_native() -> dict:
     """``qkv compile``'s C++ builds, timed, into the benchmark's cache, before anything loads the model: the native
     dequantiser of prompts and the native matrix-vector operators (a model decodes with them, and on an AVX2 CPU
@@ -331,11 +341,7 @@ def worker(engine: str, threads: int, new_tokens: int, reps: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    march = os.environ.get("BENCH_NATIVE_MARCH")  # the AVX2 stand-in: the native dequantiser built for that CPU
-    if march:  # (and the native 4-bit operator)
-        from qkv.weights import matvec, native
-        for mod in (native, matvec):
-            mod.FLAGS = tuple(f"-march={march}" if f == "-march=native" else f for f in mod.FLAGS)
+    native_march(os.environ.get("BENCH_NATIVE_MARCH"))
     if engine == "first-load":
         res = first_load()
     elif engine == "accuracy":

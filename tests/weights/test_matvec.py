@@ -9,6 +9,7 @@ float32, on the module path and in the compiled decode step."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -263,8 +264,6 @@ def test_a_library_that_does_not_load_is_deleted(q4_cache, tmp_path):
     (tmp_path / "native").mkdir()
     name = _library_in(q4_cache).name.rsplit("-", 1)[0]
     data = b"not a shared library" * 50
-    import hashlib
-
     bad = tmp_path / "native" / f"{name}-{hashlib.sha256(data).hexdigest()[:16]}.so"
     bad.write_bytes(data)
     env = {**os.environ, "QKV_CACHE_DIR": str(tmp_path), "QKV_COMPILE": "auto", "QKV_MATVEC": "native"}
