@@ -1,5 +1,6 @@
 """``qkv next``: the probabilities at each temperature equal a softmax of Hugging Face transformers' logits on
-the same weights (a tiny random Llama written as an HF directory, and the real SmolLM2 GGUF), within 1e-5;
+the same weights (a tiny random Llama written as an HF directory within 1e-5, and the real SmolLM2 GGUF within
+what R7's logits bound allows at each temperature);
 the tokens each sampler keeps equal transformers' logits processors (Temperature → TopK → TopP → MinP, the
 order of its generation); the terminal layout, the PNG, and every bad option as one line, exit 2.
 """
@@ -20,6 +21,10 @@ from tests.models.conftest import random_llama, tiny_tokenizer, write_hf_dir
 TEXT = "The quick brown fox jumps over the lazy"
 TEMPERATURES = (0.5, 1.0, 2.0)
 ATOL = 1e-5
+# R7: a whole real model's fp32 logits within 1e-4 of transformers' (30 layers of fp32 rounding move them by
+# ~5e-5, more on some CPUs' kernels than others). Logits that move by at most d move every probability at
+# temperature T by a factor within exp(+-2d/T), so a relative bound of 2d/T (rounded up) and an absolute floor.
+LOGIT_ATOL = 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +156,7 @@ def test_real_smollm2_matches_transformers(capsys):
         top = d["distributions"][n]["top"]
         ids = [x["id"] for x in top]
         got = torch.tensor([x["probability"] for x in top], dtype=torch.float64)
-        torch.testing.assert_close(got, want[ids], rtol=0, atol=ATOL)
+        torch.testing.assert_close(got, want[ids], rtol=2.5 * LOGIT_ATOL / t, atol=1e-7)
         assert ids == want.topk(len(ids)).indices.tolist()
         kept = torch.isfinite(_hf_filtered(logits, t, top_p=0.9, min_p=0.05))
         assert [x["kept"] for x in top] == kept[ids].tolist()
