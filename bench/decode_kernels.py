@@ -14,7 +14,8 @@ compiled decode step built into a scratch cache (about a minute each, not timed)
 
 ``--prompts 4 8 16 24 32 48`` times short prompts instead (no compiled step): for each choice, each length's
 prefill with the compact matrices (their small kernels, whatever rows they are set for) against the same
-model's dequantised path, taking turns — the crossover ``COMPACT_ROWS_Q4`` and its kin are set from.
+model's dequantised path, taking turns, one choice after the other — what ``qkv compile`` measures to set this
+machine's crossover (qkv.weights.crossover), and the defaults ``COMPACT_ROWS_Q4`` and its kin were set from.
 
 2 threads (``--threads``). The figures are this machine's; they move by ±20 % from one minute to the next, which
 is why the sides take turns.
@@ -107,46 +108,28 @@ def main() -> None:
 
 def prompts(args) -> None:
     """Each choice's prefill of ``args.prompts`` tokens through the layers' compact matrices' small kernels and
-    through their dequantised weights, taking turns; the medians and their ratio. The products of one row (the
-    last layer's after its attention, the unembedding's) stay compact either way, as in use."""
+    through their dequantised weights, taking turns (qkv.weights.crossover.measure, what ``qkv compile`` runs
+    to set this machine's crossover); the medians, their ratio and the crossover chosen from them."""
     import torch
 
     import qkv
-    from qkv.nn.quant import CompactLinear
+    from qkv.weights import crossover
 
-    text = "The quick brown fox jumps over the lazy dog, and the river keeps its own time. "
-    times: dict[tuple, list[float]] = {}
-    models = {}
-    for choice in args.choices:
-        os.environ["QKV_MATVEC"] = choice
-        loaded = qkv.load("smollm2")
-        mods = [m for name, m in loaded.model.named_modules() if isinstance(m, CompactLinear) and name != "lm_head"]
-        ids = loaded.tokenizer.encode(text * (max(args.prompts) // 10 + 1))
-        models[choice] = (loaded, mods, [m.small_m for m in mods], ids)
-    with torch.inference_mode():
-        for rep in range(args.reps + 1):  # the first turn warms up, untimed
-            for choice, (loaded, mods, small, ids) in models.items():
-                for path in ("compact", "dequantised") if rep % 2 else ("dequantised", "compact"):
-                    for n in args.prompts:
-                        for m, s in zip(mods, small):  # dequantised: the n-row products (the last layer's
-                            m.small_m = max(s, n) if path == "compact" else n - 1  # one-row ones stay compact)
-                        x = torch.tensor([ids[:n]])
-                        t0 = time.perf_counter()
-                        loaded.model(x, last_only=True)
-                        if rep:
-                            times.setdefault((choice, path, n), []).append(time.perf_counter() - t0)
-            for _, mods, small, _ in models.values():
-                for m, s in zip(mods, small):
-                    m.small_m = s
     print(f"\n{torch.backends.cpu.get_cpu_capability()} kernels, {args.threads} threads, median of {args.reps} turns "
           "(ms a prompt)\n")
     print("| QKV_MATVEC | kinds | tokens | compact (ms) | dequantised (ms) | compact / dequantised |")
     print("|---|---|---|---|---|---|")
-    for choice, (_, mods, _, _) in models.items():
-        kinds = ", ".join(sorted({m.kind for m in mods}))
-        for i, n in enumerate(args.prompts):
-            a, b = (1000 * statistics.median(times[(choice, p, n)]) for p in ("compact", "dequantised"))
-            print(f"| {choice if i == 0 else ''} | {kinds if i == 0 else ''} | {n} | {a:.1f} | {b:.1f} | {a / b:.2f} |")
+    chosen = {}
+    for choice in args.choices:
+        os.environ["QKV_MATVEC"] = choice
+        model = qkv.load("smollm2").model
+        kinds = ", ".join(sorted({m.kind for m in crossover.layer_matrices(model)}))
+        timed = crossover.measure(model, args.prompts, args.reps)
+        chosen[choice] = crossover.choose(timed)
+        for i, (n, (a, b)) in enumerate(timed.items()):
+            print(f"| {choice if i == 0 else ''} | {kinds if i == 0 else ''} | {n} | {1000 * a:.1f} | {1000 * b:.1f} "
+                  f"| {a / b:.2f} |")
+    print("\ncrossover (qkv.weights.crossover.choose): " + ", ".join(f"{c} {n} rows" for c, n in chosen.items()))
 
 
 if __name__ == "__main__":

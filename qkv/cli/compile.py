@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
+from ..errors import InputError
 from .common import add_model_arguments, load_model
 
 
@@ -32,7 +34,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..errors import InputError
     from ..models import compiled
     from ..weights import native
     from ..weights.cache import compile_mode
@@ -69,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
     d.update(_build_native(args, getattr(model, "compact_block_types", ()), wanted))
     if args.steps:
         d["step_ms"] = compiled.step_times(model, args.steps)
+    d["crossover"] = _crossover(model, args.force)
     if args.format == "json":
         print(json.dumps(d))
         return _dequantizer_code(d, off)
@@ -77,11 +79,44 @@ def run(args: argparse.Namespace) -> int:
     print(f"check against the eager step (logits and cache writes): largest difference {d['self_check']:.3g} "
           "of their size")
     _report_native(d, off)
+    _report_crossover(d["crossover"])
     if args.steps:
         ms = d["step_ms"]
         print(f"one decode step (median of {args.steps}): compiled {ms['compiled']:.1f} ms "
               f"({1000 / ms['compiled']:.0f} tokens/s), eager {ms['eager']:.1f} ms ({1000 / ms['eager']:.0f} tokens/s)")
     return _dequantizer_code(d, off)
+
+
+def _crossover(model, force: bool) -> dict:
+    """How many prompt rows the compact matrices serve on this machine: measured (~10 s for SmolLM2) unless
+    cached, then used by this and every later load (qkv.weights.crossover)."""
+    from ..weights import crossover
+
+    rows = None if force else crossover.cached(model)
+    if rows is not None:
+        crossover.apply(model, rows)
+        return {"rows": rows, "measured": False, "path": str(crossover.path_for(crossover.signature(model)))}
+    t0 = time.perf_counter()
+    timed = crossover.measure(model)
+    rows = crossover.choose(timed)
+    crossover.apply(model, rows)
+    d = {"rows": rows, "measured": True, "seconds": time.perf_counter() - t0, "path": None, "error": None,
+         "ms": {n: [1000 * a, 1000 * b] for n, (a, b) in timed.items()}}
+    try:
+        d["path"] = str(crossover.save(model, rows, timed))
+    except InputError as e:  # a read-only cache folder: this process uses it, later ones the defaults
+        d["error"] = str(e)
+    return d
+
+
+def _report_crossover(c: dict) -> None:
+    if not c["measured"]:
+        print(f"prompts on the compact matrices: up to {c['rows']} tokens (measured before; {c['path']})")
+        return
+    ratios = ", ".join(f"{a / b:.2f} at {n}" for n, (a, b) in c["ms"].items())
+    where = c["path"] or f"not cached: {c['error']}"
+    print(f"prompts on the compact matrices: up to {c['rows']} tokens, measured in {c['seconds']:.1f} s "
+          f"(their time over the dequantised weights': {ratios}); {where}")
 
 
 def _build_native(args, types, dtypes) -> dict:

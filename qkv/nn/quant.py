@@ -170,6 +170,8 @@ COMPACT_ROWS_BF16 = 40
 # qkv's native 4-bit operator (the ``q4`` kind, AVX2 CPUs) reads each row of W once for all of x's rows and
 # unpacks it once for every 4 of them, but multiplies every pair anew: its crossover with the dequantised prompt
 # measured at ~20 rows (AVX2 kernels; bench/decode_kernels.py --prompts, BENCHMARKS.md run 18).
+# These are defaults: the crossover moves with the CPU (46-86 rows for q4 on an AMD Zen 3, run 19c), and
+# `qkv compile` measures this machine's and caches it for later loads (qkv.weights.crossover).
 COMPACT_ROWS_Q4 = 20
 
 

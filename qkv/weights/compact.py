@@ -10,11 +10,13 @@ values kept as they are, nothing dequantised to a resident float32 copy.
 * The embedding: rows dequantised from the mapped file when they are looked up (exact).
 * Norms stay float32 parameters.
 
-One-token decode steps and short prompts (up to ``COMPACT_ROWS`` = 64 tokens, ``COMPACT_ROWS_BF16`` = 40 where
-prompts run in bfloat16, ``COMPACT_ROWS_Q4`` = 20 on the native operator's blocks) run on the compact copies;
-longer prompts and every exact analysis (``qkv.nn.quant.exact_weights``) multiply by the exact float32 weights, dequantised from the mapped
-file for the call. The re-packed tensors are cached on disk (``qkv.weights.cache``) and mapped on later
-loads. The GGUF file stays open (mapped, read-only) for the model's lifetime.
+One-token decode steps and short prompts run on the compact copies: up to this machine's crossover where
+``qkv compile`` measured it (qkv.weights.crossover), else up to ``COMPACT_ROWS`` = 64 tokens,
+``COMPACT_ROWS_BF16`` = 40 where prompts run in bfloat16 and ``COMPACT_ROWS_Q4`` = 20 on the native operator's
+blocks. Longer prompts and every exact analysis (``qkv.nn.quant.exact_weights``) multiply by the exact float32
+weights, dequantised from the mapped file for the call. The re-packed tensors are cached on disk
+(``qkv.weights.cache``) and mapped on later loads. The GGUF file stays open (mapped, read-only) for the
+model's lifetime.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 
 from ..errors import ConfigError
 from ..nn.quant import COMPACT_ROWS, COMPACT_ROWS_BF16, COMPACT_ROWS_Q4, CompactEmbedding, CompactLinear, pack_int4
-from . import cache as disk
+from . import cache as disk, crossover
 from .convert import gguf_to_rotate_half
 from .int4 import INT4_TYPES, TORCH_DEQUANT, dequantize_into, dequantize_rows, int4_codes
 from .maps import GGUF_ROPE_PERMUTED
@@ -203,6 +205,12 @@ def build(model, f, cfg, hf_to_gguf: dict[str, str], *, use_cache: bool = True) 
                               "weights dequantised per call "
                               f"({str(prompt).removeprefix('torch.')}); analyses on the exact float32 weights")
     info["prompt_dtype"] = str(prompt).removeprefix("torch.")
+    rows = crossover.cached(model)  # this machine's crossover, where `qkv compile` measured it
+    if rows is not None:
+        crossover.apply(model, rows)
+    most = max(m.small_m for m in crossover.layer_matrices(model))
+    how = "measured here by qkv compile" if rows is not None else "the default; qkv compile measures this machine's"
+    info["compact_rows"] = f"prompts of up to {most} tokens on the compact matrices ({how})"
     return info
 
 

@@ -5,6 +5,7 @@ length, a damaged package deleted and never used, bad settings refused in one li
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -240,9 +241,14 @@ def test_compile_cli_reports_and_refuses_what_it_cannot_compile(use, q4, capsys,
     native = d["dequantizer"]  # the native dequantiser is built alongside (qkv.weights.native, its own tests)
     assert Path(native["path"]).parent == use / "native" and (native["compile_seconds"] or 0) >= 0
     assert d["dequantizers"]["Q4_0->float32"] is True and all(d["dequantizers"].values())
+    c = d["crossover"]  # this machine's prompt rows on the compact matrices, measured and cached for later loads
+    assert c["measured"] and 1 <= c["rows"] <= 96 and Path(c["path"]).parent == use / "crossover"
+    assert [int(n) for n in c["ms"]] == [8, 16, 24, 32, 40, 48, 64, 96] and c["error"] is None
+    assert "measured here by qkv compile" in qkv.load(q4).info["compact_rows"]
     assert main(["compile", "--model", str(q4), "--steps", "0"]) == 0  # the text report: both cached, in use
     out = capsys.readouterr().out
     assert "compiled decode step:" in out and "(cached)" in out and "Q4_0->float32 in use" in out
+    assert f"prompts on the compact matrices: up to {c['rows']} tokens (measured before; {c['path']})" in out
     assert f"native dequantiser: {native['path']} (cached)" in out
     assert set(d["step_ms"]) == {"compiled", "eager"} and all(v > 0 for v in d["step_ms"].values())
     assert main(["compile", "--model", str(q4), "--steps", "-1"]) == 2
@@ -281,3 +287,4 @@ def test_compile_cli_reports_and_refuses_what_it_cannot_compile(use, q4, capsys,
     assert "QKV_COMPILE='yes'" in err and err.count("\n") == 1
     assert main(["compile", "--model", str(q4), "--steps", "0"]) == 2  # refused before anything is compiled
     assert "QKV_COMPILE='yes'" in capsys.readouterr().err
+    shutil.rmtree(use / "crossover")  # the module's other tests run on the defaults, whatever their order
