@@ -20,7 +20,8 @@ from .common import add_model_arguments, load_model
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("name", nargs="?", help="model (same as --model)")
-    p.add_argument("--force", action="store_true", help="rebuild even if a package is cached")
+    p.add_argument("--force", action="store_true",
+                   help="rebuild even if a package is cached, and measure the prompt crossover again")
     p.add_argument("--steps", type=int, default=32, help="decode steps timed, compiled and eager (0: none)")
     p.add_argument("--dequantizer-only", action="store_true",
                    help="build only the native dequantiser (about a second; no model is loaded): what long prompts "
@@ -88,8 +89,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _crossover(model, force: bool) -> dict:
-    """How many prompt rows the compact matrices serve on this machine: measured (~10 s for SmolLM2) unless
-    cached, then used by this and every later load (qkv.weights.crossover)."""
+    """How many prompt rows the compact matrices serve on this machine: measured (~16 s for SmolLM2 on 2 cores)
+    unless cached, then used by this and every later load (qkv.weights.crossover)."""
     from ..weights import crossover
 
     rows = None if force else crossover.cached(model)
@@ -103,7 +104,8 @@ def _crossover(model, force: bool) -> dict:
     d = {"rows": rows, "measured": True, "seconds": time.perf_counter() - t0, "path": None, "error": None,
          "ms": {n: [1000 * a, 1000 * b] for n, (a, b) in timed.items()}}
     try:
-        d["path"] = str(crossover.save(model, rows, timed))
+        path = crossover.save(model, rows, timed)
+        d["path"] = path and str(path)
     except InputError as e:  # a read-only cache folder: this process uses it, later ones the defaults
         d["error"] = str(e)
     return d

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, one_line
-from ..weights.cache import cache_root, compile_mode, cpu_flags, sweep_temporaries
+from ..weights.cache import cache_root, compile_mode, machine_key, sweep_temporaries
 from ..nn.mlp import glu
 from ..nn.quant import small_matmul
 from .llama import appending, decode_layers
@@ -109,9 +109,7 @@ def unflatten(spec: list, tensors: list) -> list:
 
 def _package(prefix: str, code: tuple, **what) -> Path:
     """``<cache>/decode/<prefix><digest>.pt2`` for ``what`` compiled from ``code`` by this torch for this CPU."""
-    key = {"format": FORMAT, "torch": [torch.__version__, torch.version.git_version],
-           "capability": torch.backends.cpu.get_cpu_capability(),
-           "cpu": hashlib.sha256(cpu_flags().encode()).hexdigest()[:16],
+    key = {"format": FORMAT, **machine_key(),
            "code": hashlib.sha256("".join(inspect.getsource(f) for f in code).encode()).hexdigest(), **what}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:40]
     return cache_root() / "decode" / f"{prefix}{digest}.pt2"

@@ -132,6 +132,14 @@ def known_sha256(path: Path) -> str:
     return sha
 
 
+def machine_key() -> dict:
+    """What code compiled or measured here depends on, besides itself: torch's build, ATen's CPU capability and
+    the CPU's flags (hashed)."""
+    return {"torch": [torch.__version__, torch.version.git_version],
+            "capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu": hashlib.sha256(cpu_flags().encode()).hexdigest()[:16]}
+
+
 def build_key() -> dict[str, str]:
     """What the packed bytes depend on, besides the GGUF itself."""
     return {"format": str(VERSION), "torch": torch.__version__,

@@ -205,10 +205,11 @@ def build(model, f, cfg, hf_to_gguf: dict[str, str], *, use_cache: bool = True) 
                               "weights dequantised per call "
                               f"({str(prompt).removeprefix('torch.')}); analyses on the exact float32 weights")
     info["prompt_dtype"] = str(prompt).removeprefix("torch.")
-    rows = crossover.cached(model)  # this machine's crossover, where `qkv compile` measured it
+    # this machine's crossover, where `qkv compile` measured it; QKV_COMPILE=0 uses nothing it made
+    rows = crossover.cached(model) if disk.compile_mode() != "0" else None
     if rows is not None:
         crossover.apply(model, rows)
-    most = max(m.small_m for m in crossover.layer_matrices(model))
+    most = "/".join(map(str, sorted({m.small_m for m in crossover.layer_matrices(model)})))
     how = "measured here by qkv compile" if rows is not None else "the default; qkv compile measures this machine's"
     info["compact_rows"] = f"prompts of up to {most} tokens on the compact matrices ({how})"
     return info

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from .cache import cache_root, cpu_flags
+from ..errors import InputError
+from .cache import cache_root, machine_key
 
 FORMAT = 1
 LENGTHS = (8, 16, 24, 32, 40, 48, 64, 96)  # prompt tokens timed
@@ -37,9 +38,9 @@ def layer_matrices(model) -> list:
 
 
 def signature(model) -> dict | None:
-    """What the crossover depends on: the matrices' kinds and shapes and the prompts' dtype, the kernels'
-    sources, the CPU, torch's build and capability, and the thread count. None for a model with no compact
-    matrices."""
+    """What the crossover depends on: the matrices' kinds and shapes and the prompts' dtype, the native
+    libraries' names (their sources, compiler, flags and CPU), torch's build, ATen's capability, the CPU and
+    the thread count. None for a model with no compact matrices."""
     from . import matvec, native
 
     mats = layer_matrices(model)
@@ -47,11 +48,10 @@ def signature(model) -> dict | None:
         return None
     shapes = sorted({(m.kind, m.out_features, m.in_features, str(m.prompt_dtype).removeprefix("torch."))
                      for m in mats})
-    sources = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()[:16]
-               for p in (native.SOURCE, matvec.SOURCE) if p.exists()}
-    return {"format": FORMAT, "matrices": [list(s) for s in shapes], "sources": sources,
-            "cpu": hashlib.sha256(cpu_flags().encode()).hexdigest()[:16], "torch": torch.__version__,
-            "capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads()}
+    stems = (native._stem(), native._stem(matvec.SOURCE, matvec.flags()))
+    libraries = [stem.name if stem else None for stem in stems]
+    return {"format": FORMAT, "matrices": [list(s) for s in shapes], "libraries": libraries, **machine_key(),
+            "threads": torch.get_num_threads()}
 
 
 def path_for(sig: dict) -> Path:
@@ -60,11 +60,11 @@ def path_for(sig: dict) -> Path:
 
 
 def cached(model) -> int | None:
-    """The crossover ``qkv compile`` measured for this model on this machine, or None."""
-    sig = signature(model)
-    if sig is None:
-        return None
+    """The crossover ``qkv compile`` measured for this model on this machine, or None (never an error)."""
     try:
+        sig = signature(model)
+        if sig is None:
+            return None
         d = json.loads(path_for(sig).read_text(encoding="utf-8"))
         rows = d["rows"]
         if d["signature"] == sig and type(rows) is int and 1 <= rows <= MAX_ROWS:
@@ -80,12 +80,13 @@ def apply(model, rows: int) -> None:
 
 
 def measure(model, lengths=LENGTHS, turns: int = TURNS) -> dict[int, tuple[float, float]]:
-    """Seconds (compact, dequantised) of one prompt's forward at each length (capped at the model's context),
-    the medians of ``turns`` turns that alternate the two sides' order; the matrices' ``small_m`` put back."""
+    """Seconds (compact, dequantised) of one prompt's forward at each length (the longer ones cut to the model's
+    context), the medians of ``turns`` turns that alternate the two sides' order; ``small_m`` put back."""
     import statistics  # here, not on every load (~5 ms)
 
-    context = model.config.max_position_embeddings
-    lengths = sorted({n for n in lengths if 1 <= n <= context})
+    if turns < 1 or not lengths or min(lengths) < 1:
+        raise ValueError(f"measure needs turns >= 1 and lengths >= 1, got {turns} and {list(lengths)}")
+    lengths = sorted({min(n, model.config.max_position_embeddings) for n in lengths})
     mats = layer_matrices(model)
     saved = [m.small_m for m in mats]
     ids = torch.randint(model.config.vocab_size, (1, max(lengths)), generator=torch.Generator().manual_seed(0))
@@ -110,14 +111,14 @@ def measure(model, lengths=LENGTHS, turns: int = TURNS) -> dict[int, tuple[float
 
 def choose(timed: dict[int, tuple[float, float]]) -> int:
     """The crossover from :func:`measure`'s timings: where compact/dequantised first exceeds 1, interpolated
-    linearly from the length before (1 if compact is slower at the shortest length); the longest length timed
-    if compact is never slower (no further than measured)."""
+    linearly from the length before. Never outside the lengths timed: the shortest if compact is slower there
+    already, the longest if it is never slower."""
     prev = None
     for n in sorted(timed):
         r = timed[n][0] / timed[n][1]
         if r > 1:
             if prev is None:
-                return 1
+                return n
             m, q = prev
             return max(1, m + int((1 - q) / (r - q) * (n - m)))
         prev = (n, r)
@@ -125,14 +126,17 @@ def choose(timed: dict[int, tuple[float, float]]) -> int:
 
 
 def save(model, rows: int, timed: dict[int, tuple[float, float]]) -> Path | None:
-    """Written atomically; None where the model has no compact matrices."""
+    """Written atomically (InputError where it cannot be); None where the model has no compact matrices."""
     from ..io import write_bytes
 
     sig = signature(model)
     if sig is None:
         return None
     path = path_for(sig)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot write {path}: {e.strerror or e}") from None
     body = {"signature": sig, "rows": rows,
             "ms": {str(n): [round(1000 * a, 3), round(1000 * b, 3)] for n, (a, b) in sorted(timed.items())}}
     return write_bytes(path, json.dumps(body, indent=1, sort_keys=True).encode())

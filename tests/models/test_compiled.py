@@ -231,8 +231,11 @@ def test_auto_never_builds_and_zero_never_loads(q4, use, tmp_path, monkeypatch):
     assert model.__dict__["_compiled_step"] is None
 
 
-def test_compile_cli_reports_and_refuses_what_it_cannot_compile(use, q4, capsys, monkeypatch):
+def test_compile_cli_reports_and_refuses_what_it_cannot_compile(use, q4, capsys, monkeypatch, request):
     from qkv.weights import matvec
+
+    # the crossover it measures: gone after this test, passed or not (the module's other tests use the defaults)
+    request.addfinalizer(lambda: shutil.rmtree(use / "crossover", ignore_errors=True))
 
     monkeypatch.setattr(matvec, "build", lambda force=False: None)  # not built here (~12 s a --force; its own tests)
     assert main(["compile", "--model", str(q4), "--format", "json", "--steps", "4"]) == 0
@@ -287,4 +290,3 @@ def test_compile_cli_reports_and_refuses_what_it_cannot_compile(use, q4, capsys,
     assert "QKV_COMPILE='yes'" in err and err.count("\n") == 1
     assert main(["compile", "--model", str(q4), "--steps", "0"]) == 2  # refused before anything is compiled
     assert "QKV_COMPILE='yes'" in capsys.readouterr().err
-    shutil.rmtree(use / "crossover")  # the module's other tests run on the defaults, whatever their order
