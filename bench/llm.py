@@ -32,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 TEXT = ("The history of the transformer architecture begins with attention: a way for every token to look at "
@@ -237,7 +238,6 @@ def long_prompt(n: int = 8000, new_tokens: int = 16) -> dict:
     """qkv-auto on an ``n``-token prompt (the standard library's textwrap source, repeated): prefill in chunks
     (qkv.generate.loop.PREFILL_CHUNK) and in one piece, seconds and peak RSS above the baseline of each."""
     import textwrap
-    from pathlib import Path
 
     from qkv import load
     from qkv.generate import SamplingOptions, generate_ids, loop
@@ -285,7 +285,6 @@ def accuracy(n_ppl: int = 2048) -> dict:
     benchmark's prompt, perplexity of one-token decode steps over the first ``n_ppl`` tokens of the standard
     library's textwrap source (the test suite uses its first 512), and the error of a 512-token prompt's logits."""
     import textwrap
-    from pathlib import Path
 
     import torch
 
@@ -320,9 +319,13 @@ def accuracy(n_ppl: int = 2048) -> dict:
 def main_job(reps: int, env: dict) -> dict:
     """`qkv explain "He sat on the river's bank" --token bank`, from process start to exit (warm cache), taking
     turns with its floor: a process that only imports torch, with the collector paused as the command pauses it
-    (qkv.cli.common.pause_gc), and leaves as the command does (no interpreter teardown)."""
+    (qkv.cli.common.pause_gc), and leaves as the command does (no interpreter teardown). qkv's bytecode is
+    written first, as ``make demo`` writes it."""
     cmd = [sys.executable, "-m", "qkv", "explain", "He sat on the river's bank", "--token", "bank"]
     floor = [sys.executable, "-c", "import gc, os; gc.disable(); import torch; os._exit(0)"]
+    import qkv  # its bytecode written ahead, as `make demo` does (without it each run compiles qkv's sources)
+
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(Path(qkv.__file__).parent)], check=True, env=env)
     subprocess.run(cmd, check=True, capture_output=True, env=env)  # a first run: files in the page cache
     times, torch_s = [], []
     for _ in range(reps):
