@@ -170,6 +170,13 @@ def llama3_rope_factors(cfg: Any) -> np.ndarray:
     return np.array(out, dtype=np.float32)
 
 
+def tiny_gguf(path: Path, weight_type: str, seed: int) -> Path:
+    """A tiny random Llama (random_llama, tiny_tokenizer) written to ``path`` as a GGUF of ``weight_type``."""
+    tok = tiny_tokenizer()
+    write_gguf(path, random_llama(tok, seed=seed), tok, weight_type=weight_type)
+    return path
+
+
 def write_gguf(path: Path, model: Any, tok: Any, *, weight_type: str = "F32", permute: bool = True,
                drop: tuple[str, ...] = (), extra: dict[str, np.ndarray] | None = None) -> dict[str, torch.Tensor]:
     """``model`` + ``tok`` as a llama.cpp-style GGUF; 2-D weights stored as ``weight_type``.

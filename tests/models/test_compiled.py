@@ -16,15 +16,12 @@ from qkv.cli.main import main
 from qkv.generate import SamplingOptions, generate_ids
 from qkv.models import compiled
 
-from .conftest import random_llama, tiny_tokenizer, write_gguf
+from .conftest import tiny_gguf
 
 
 @pytest.fixture(scope="module")
 def q4(tmp_path_factory) -> Path:
-    tok = tiny_tokenizer()
-    path = tmp_path_factory.mktemp("compiled") / "q4.gguf"
-    write_gguf(path, random_llama(tok, seed=5), tok, weight_type="Q4_0")
-    return path
+    return tiny_gguf(tmp_path_factory.mktemp("compiled") / "q4.gguf", "Q4_0", seed=5)
 
 
 @pytest.fixture(scope="module")

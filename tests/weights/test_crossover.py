@@ -15,15 +15,12 @@ import qkv
 from qkv.nn.quant import COMPACT_ROWS, COMPACT_ROWS_BF16, COMPACT_ROWS_Q4, CompactLinear
 from qkv.weights import crossover
 
-from tests.models.conftest import random_llama, tiny_tokenizer, write_gguf
+from tests.models.conftest import tiny_gguf
 
 
 @pytest.fixture(scope="module")
 def q4(tmp_path_factory) -> Path:
-    tok = tiny_tokenizer()
-    path = tmp_path_factory.mktemp("crossover") / "q4.gguf"
-    write_gguf(path, random_llama(tok, seed=4), tok, weight_type="Q4_0")
-    return path
+    return tiny_gguf(tmp_path_factory.mktemp("crossover") / "q4.gguf", "Q4_0", seed=4)
 
 
 @pytest.fixture

@@ -352,11 +352,9 @@ def test_the_compiled_step_calls_it(q4_cache, tmp_path, monkeypatch):
     model's package passes its check against the eager step and generates the eager step's tokens."""
     from qkv.models import compiled
 
-    from tests.models.conftest import random_llama, tiny_tokenizer, write_gguf
+    from tests.models.conftest import tiny_gguf
 
-    tok = tiny_tokenizer()
-    path = tmp_path / "q41.gguf"
-    write_gguf(path, random_llama(tok, seed=9), tok, weight_type="Q4_1")
+    path = tiny_gguf(tmp_path / "q41.gguf", "Q4_1", seed=9)
     monkeypatch.setenv("QKV_CACHE_DIR", str(tmp_path / "cache"))
     (tmp_path / "cache" / "native").mkdir(parents=True)
     shutil.copy(_library_in(q4_cache), tmp_path / "cache" / "native")  # not built again (~12 s)

@@ -18,7 +18,7 @@ from qkv.errors import ConfigError
 from qkv.weights import native
 from qkv.weights.int4 import TORCH_DEQUANT, dequantize_into
 
-from tests.models.conftest import random_llama, tiny_tokenizer, write_gguf
+from tests.models.conftest import tiny_gguf
 
 KINDS = sorted(native.KINDS)
 DTYPES = [torch.float32, torch.bfloat16]
@@ -111,10 +111,7 @@ def test_prompts_dequantise_natively_with_the_same_logits_bit_for_bit(use, tmp_p
     of every matrix — and give the eager dequantiser's logits bit for bit."""
     from qkv.nn.quant import exact_weights
 
-    tok = tiny_tokenizer()
-    path = tmp_path / "q4.gguf"
-    write_gguf(path, random_llama(tok, seed=5), tok, weight_type="Q4_0")
-    model = qkv.load(path).model
+    model = qkv.load(tiny_gguf(tmp_path / "q4.gguf", "Q4_0", seed=5)).model
     calls = []
     real = native.dequantizer
 
