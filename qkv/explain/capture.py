@@ -76,7 +76,8 @@ def capture(loaded, text: str, *, layers: Iterable[int] | None = None, heads: It
     ``measures``: any of weights, norms, mixing, rollout, logit, alti-logit (qkv.explain.measures), computed in
     the same forward pass while the model runs its fast kernels; ``record.values(name, layer, head)`` reads them.
     Whenever a model hands over its values, the per-head norms are computed too and ``record.sinks`` lists
-    the attention sinks. ``logit`` explains the next-token prediction at the last captured query:
+    the attention sinks; with weights and norms alone the forward stops after the deepest chosen layer.
+    ``logit`` explains the next-token prediction at the last captured query:
     ``target`` (default: the model's top token there) against ``foil`` (default: none, the target's logit
     alone), each a token id or a string that is exactly one token."""
     ids, offsets, special = check_context(loaded, text)
@@ -100,9 +101,11 @@ def capture(loaded, text: str, *, layers: Iterable[int] | None = None, heads: It
     obs = MeasureObserver(layers, heads, queries, wanted, logit_row=queries[-1])  # the prediction row: the last
     kind = _kind(loaded)
     causal_lm = kind == "causal"  # its logits are needed at the prediction row alone (logit measure)
+    # weights and norms read nothing past the deepest chosen layer; mixing, rollout and the logits go through all
+    last = max(layers) if wanted <= PER_LAYER else None
     with exact_weights(loaded.model):  # a dtype="auto" model's compact copies would serve a short text
         loaded.model(torch.tensor([ids], device=loaded.device), observer=obs,
-                     **({"last_only": True} if causal_lm else {}), **_no_logits(loaded.model))
+                     **({"last_only": True} if causal_lm else {}), **_forward_options(loaded.model, last))
         maps = _measure_maps(loaded, obs, wanted, layers, target, foil)  # the logit measures' unembedding too
     weights = torch.stack([obs.per_head["weights"][layer] for layer in layers]).cpu()  # (L, H, Q, T)
     check_finite_rows(weights)
@@ -112,13 +115,18 @@ def capture(loaded, text: str, *, layers: Iterable[int] | None = None, heads: It
                            key_words=spans, query_words=spans, measures=maps, sinks=sinks)
 
 
-def _no_logits(model) -> dict:
-    """The forward's option to stop before the unembedding, where the model has it: capture reads no logits
-    from the forward (the logit measures unembed their own row), and an exact unembedding costs a
-    dequantisation of its whole (V, C) matrix."""
+PER_LAYER = {"weights", "norms"}  # the measures each layer gives by itself
+
+
+def _forward_options(model, last: int | None) -> dict:
+    """The forward's options to stop early, where the model has them: capture reads no logits from the
+    forward (the logit measures unembed their own row), and an exact unembedding costs a dequantisation of
+    its whole (V, C) matrix; with ``last``, nothing after that layer either (``layers=[3]`` runs 4 layers)."""
     from ..models.llama import LlamaForCausalLM
 
-    return {"unembed": False} if isinstance(model, LlamaForCausalLM) else {}
+    if not isinstance(model, LlamaForCausalLM):
+        return {}
+    return {"unembed": False} if last is None else {"stop_after": last}
 
 
 def check_context(loaded, text: str) -> tuple[list[int], list[tuple[int, int]], list[bool]]:

@@ -105,7 +105,8 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, *, cache: list[KVCache] | None = None,
                 attention_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-                last_only: bool = False, observer=None, unembed: bool = True) -> torch.Tensor:
+                last_only: bool = False, observer=None, unembed: bool = True,
+                stop_after: int | None = None) -> torch.Tensor:
         """ids (B, T) -> logits (B, T, V) in float32 (or (B, 1, V) with ``last_only``).
 
         Args:
@@ -117,8 +118,16 @@ class LlamaForCausalLM(nn.Module):
             observer: an ``AttentionObserver`` (qkv.explain) that sees each layer's q, k and lse.
             unembed: False returns the final norm's output (B, T, C) instead of logits — for an analysis that
                 reads no logits (the unembedding is the largest matrix; exact, it is dequantised per call).
+            stop_after: run layers 0..stop_after only and return their residual stream (B, T, C), before any
+                final norm — for an analysis that reads nothing past that layer (``qkv.capture(layers=[3])``).
         """
         b, t = self._check_ids(input_ids, cache)
+        n_layers = len(self.model.layers)
+        if stop_after is not None and not 0 <= stop_after < n_layers:
+            raise ShapeError(f"stop_after={stop_after} is not a layer of this model (0..{n_layers - 1})")
+        if stop_after is not None and cache:
+            raise ShapeError("stop_after runs part of the model: a KV cache would be left with its layers out of "
+                             "step; pass no cache")
         if t == 1 and cache and attention_mask is None and positions is None and observer is None:
             weights = self.decode_weights(b)
             if weights is not None:
@@ -135,7 +144,7 @@ class LlamaForCausalLM(nn.Module):
         if positions is None:  # one tensor for all layers: RoPE looks its tables up once per forward
             positions = torch.arange(offset, offset + t, device=input_ids.device)
         x = self.model.embed_tokens(input_ids).float()  # (B, T, C), float32 residual stream
-        layers = self.model.layers
+        layers = self.model.layers[:None if stop_after is None else stop_after + 1]
         for i, layer in enumerate(layers):
             if observer is not None:
                 observer.layer = i
@@ -143,7 +152,9 @@ class LlamaForCausalLM(nn.Module):
             # everything else for the last row alone, as llama.cpp does: ~1/N of a prompt's work saved,
             # the same logits to float rounding. Not while an observer reads every layer's queries.
             x = layer(x, mask=mask, cache=cache[i] if cache else None, positions=positions, observer=observer,
-                      last_only=last_only and observer is None and i == len(layers) - 1)
+                      last_only=last_only and observer is None and i == n_layers - 1)
+        if stop_after is not None:
+            return x[:, -1:] if last_only else x
         if last_only:
             x = x[:, -1:]
         if not unembed:

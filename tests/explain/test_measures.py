@@ -174,6 +174,31 @@ def test_norms_equal_materialised_head_outputs_on_smollm2(smollm2):
         torch.testing.assert_close(rec.measures["norms"].heads[n].double(), ref, rtol=1e-4, atol=1e-5)
 
 
+def test_capture_of_early_layers_runs_only_those_layers_and_changes_no_number(smollm2):
+    """Weights and norms of layers=[3] run layers 0..3 and no more (a long text's first layers cost a
+    fraction of its forward), with the numbers of a capture through every layer to the bit; mixing (composed
+    through the layers) and the logit measures still run them all."""
+    ran = []
+    hooks = [layer.register_forward_hook(lambda *_, i=i: ran.append(i))
+             for i, layer in enumerate(smollm2.model.model.layers)]
+    try:
+        part = capture(smollm2, TEXT, measures=["norms"], layers=[3])
+        assert ran == [0, 1, 2, 3]
+        ran.clear()
+        whole = capture(smollm2, TEXT, measures=["norms"], layers=[3, 29])
+        assert ran == list(range(30))
+        for measure in ("mixing", "logit"):
+            ran.clear()
+            capture(smollm2, TEXT, measures=[measure], layers=[3])
+            assert ran == list(range(30)), measure
+    finally:
+        for h in hooks:
+            h.remove()
+    assert torch.equal(part.weights[0], whole.weights[0])
+    assert torch.equal(part.measures["norms"].heads[0], whole.measures["norms"].heads[0])
+    assert torch.equal(part.measures["norms"].layers[0], whole.measures["norms"].layers[0])
+
+
 # --- sinks, views, memory ------------------------------------------------------------------------------------
 
 def test_sink_detection_on_the_flagship_sentence(smollm2):

@@ -195,12 +195,13 @@ def test_a_bfloat16_prompt_runs_whole_sublayers_in_bfloat16(monkeypatch, smollm2
     ids = m.tokenizer.encode(fixed_text())[:200]
     seq = torch.tensor([ids])
     with torch.inference_mode():
-        got = m.model(seq)[0, :-1]
+        out = m.model(seq)[0]  # every row's logits; the last one is the split prompt's reference below
+        got, whole = out[:-1], out[-1]
         assert set(seen) == {(torch.bfloat16, torch.bfloat16)} and len(seen) == 30
         ref = smollm2.model(seq)[0, :-1]
         cache = m.model.make_cache(1, len(ids))
-        m.model(seq[:, :120], cache=cache)
-        split = m.model(seq[:, 120:], cache=cache)[0, -1]
+        m.model(seq[:, :120], cache=cache, last_only=True)  # the cache as a full prefill fills it
+        split = m.model(seq[:, 120:], cache=cache, last_only=True)[0, -1]
     assert cache[0].k.dtype == torch.float32 and cache[0].offset == len(ids)
     lp, lq = torch.log_softmax(ref.double(), -1), torch.log_softmax(got.double(), -1)
     kl = float((lp.exp() * (lp - lq)).sum(-1).mean())
@@ -208,7 +209,6 @@ def test_a_bfloat16_prompt_runs_whole_sublayers_in_bfloat16(monkeypatch, smollm2
     ppl_ref, ppl = float(nll(ref).exp()), float(nll(got).exp())
     print(f"bfloat16 prompt of {len(ids)} tokens: mean KL {kl:.2e}, perplexity {ppl:.4f} vs {ppl_ref:.4f}")
     assert kl < 3e-3 and abs(ppl / ppl_ref - 1) < 0.01
-    whole = m.model(seq)[0, -1]
     assert float((split - whole).abs().max()) < 0.05 * float(whole.abs().max())
 
 

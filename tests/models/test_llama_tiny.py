@@ -127,6 +127,29 @@ def test_last_only_prefill_gives_the_last_logits_and_the_same_cache(variant: Sim
         torch.testing.assert_close(model(nxt, cache=last_cache), model(nxt, cache=full_cache), rtol=0, atol=0)
 
 
+def test_stop_after_is_the_residual_stream_transformers_reports(variant: SimpleNamespace) -> None:
+    """stop_after=k runs layers 0..k and returns their residual stream: transformers' hidden state after layer
+    k (its last one is after the final norm, so the last layer is compared through ours); out of range or
+    with a KV cache (its later layers would fall out of step) it is a ShapeError."""
+    from qkv.errors import ShapeError
+
+    model = load(variant.f32, dtype="float32", device="cpu").model
+    with torch.no_grad():
+        hidden = variant.model(variant.ids, output_hidden_states=True).hidden_states  # embeddings, then layers
+        n = len(model.model.layers)
+        for k in range(n - 1):
+            torch.testing.assert_close(model(variant.ids, stop_after=k), hidden[k + 1], rtol=RTOL, atol=ATOL)
+        last = model(variant.ids, stop_after=n - 1)
+        torch.testing.assert_close(model.model.norm(last), model(variant.ids, unembed=False), rtol=0, atol=0)
+        torch.testing.assert_close(model(variant.ids, stop_after=0, last_only=True), hidden[1][:, -1:],
+                                   rtol=RTOL, atol=ATOL)
+        for bad in (-1, n):
+            with pytest.raises(ShapeError, match="stop_after"):
+                model(variant.ids, stop_after=bad)
+        with pytest.raises(ShapeError, match="cache"):
+            model(variant.ids[:1], stop_after=0, cache=model.make_cache(1, variant.ids.shape[1]))
+
+
 def test_the_checks_can_fail(variant: SimpleNamespace, tiny: SimpleNamespace, tiny_tok: Any) -> None:
     """The ids reach far enough, and the weights are sharp enough, that a wrong Q/K row order or a
     missing RoPE scaling would change the logits well beyond the tolerances above."""
