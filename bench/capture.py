@@ -1,6 +1,8 @@
 """Seeing attention at full speed: qkv capture of one query row vs Hugging Face output_attentions.
 
     .venv/bin/python bench/capture.py [--lengths 128 512 2048] [--threads 2]
+    .venv/bin/python bench/capture.py --depth [--lengths 2048]
+
 
 SmolLM2-135M-Instruct in float32, one forward over T prompt tokens, each case in a fresh process:
   plain        qkv's forward (SDPA), nothing captured
@@ -11,6 +13,9 @@ Time = median of repeated forwards; memory = peak RSS rise over the RSS with the
 fresh process per case. The capture/plain time ratio comes from one process that alternates plain and
 capturing forwards on the same model (this 2-core machine drifts by tens of percent between runs, so
 separate processes would measure the drift, not the capture).
+
+--depth: `qkv.capture` of the last row with measures=["norms"], every layer against layers=[0], [15] and
+[29] alone (the forward stops after the deepest chosen layer), in one process, taking turns.
 """
 
 from __future__ import annotations
@@ -95,12 +100,42 @@ def _interleaved_ratio(pair, ids, n: int) -> float:
     return statistics.median(times[1]) / statistics.median(times[0])
 
 
+DEPTHS = (None, [0], [15], [29])
+
+
+def depth(lengths: list[int], threads: int, turns: int = 3) -> None:
+    """The capture's time by the deepest layer it is asked for: medians of ``turns`` rounds taking turns."""
+    import torch
+
+    import qkv
+
+    torch.set_num_threads(threads)
+    m = qkv.load("smollm2", dtype="float32", device="cpu")
+    print(f"SmolLM2-135M float32, qkv.capture of the last row (norms), {threads} threads, median of {turns} "
+          "turns\n")
+    print("| T | every layer | layers=[0] | layers=[15] | layers=[29] |")
+    print("|---|---|---|---|---|")
+    for t in lengths:
+        prose = "the river bank was steep and the old man sat on it watching boats drift past slowly " * (t // 8)
+        text = m.tokenizer.decode(m.tokenizer.encode(prose)[:t])  # ~t tokens of prose
+        times: dict[int, list[float]] = {i: [] for i in range(len(DEPTHS))}
+        for _ in range(turns):
+            for i, layers in enumerate(DEPTHS):
+                start = time.perf_counter()
+                qkv.capture(m, text, queries=[-1], layers=layers, measures=["norms"])
+                times[i].append(time.perf_counter() - start)
+        print(f"| {t} | " + " | ".join(f"{statistics.median(v):.2f} s" for v in times.values()) + " |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", type=int, nargs="+", default=[128, 512, 2048])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--depth", action="store_true", help="capture time by the deepest layer asked for")
     args = ap.parse_args()
+    if args.depth:
+        return depth(args.lengths, args.threads)
     if args.worker:
         worker(args.worker[0], int(args.worker[1]), args.threads)
         return
