@@ -3,7 +3,6 @@
     .venv/bin/python bench/capture.py [--lengths 128 512 2048] [--threads 2]
     .venv/bin/python bench/capture.py --depth [--lengths 2048]
 
-
 SmolLM2-135M-Instruct in float32, one forward over T prompt tokens, each case in a fresh process:
   plain        qkv's forward (SDPA), nothing captured
   qkv-capture  the same forward, capturing the last query's row in all 30 layers x 9 heads

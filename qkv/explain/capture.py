@@ -76,7 +76,7 @@ def capture(loaded, text: str, *, layers: Iterable[int] | None = None, heads: It
     ``measures``: any of weights, norms, mixing, rollout, logit, alti-logit (qkv.explain.measures), computed in
     the same forward pass while the model runs its fast kernels; ``record.values(name, layer, head)`` reads them.
     Whenever a model hands over its values, the per-head norms are computed too and ``record.sinks`` lists
-    the attention sinks; with weights and norms alone the forward stops after the deepest chosen layer.
+    the attention sinks; with weights and norms alone a Llama's forward stops after the deepest chosen layer.
     ``logit`` explains the next-token prediction at the last captured query:
     ``target`` (default: the model's top token there) against ``foil`` (default: none, the target's logit
     alone), each a token id or a string that is exactly one token."""

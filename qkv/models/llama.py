@@ -122,12 +122,7 @@ class LlamaForCausalLM(nn.Module):
                 final norm — for an analysis that reads nothing past that layer (``qkv.capture(layers=[3])``).
         """
         b, t = self._check_ids(input_ids, cache)
-        n_layers = len(self.model.layers)
-        if stop_after is not None and not 0 <= stop_after < n_layers:
-            raise ShapeError(f"stop_after={stop_after} is not a layer of this model (0..{n_layers - 1})")
-        if stop_after is not None and cache:
-            raise ShapeError("stop_after runs part of the model: a KV cache would be left with its layers out of "
-                             "step; pass no cache")
+        self._check_stop(stop_after, cache)
         if t == 1 and cache and attention_mask is None and positions is None and observer is None:
             weights = self.decode_weights(b)
             if weights is not None:
@@ -152,7 +147,7 @@ class LlamaForCausalLM(nn.Module):
             # everything else for the last row alone, as llama.cpp does: ~1/N of a prompt's work saved,
             # the same logits to float rounding. Not while an observer reads every layer's queries.
             x = layer(x, mask=mask, cache=cache[i] if cache else None, positions=positions, observer=observer,
-                      last_only=last_only and observer is None and i == n_layers - 1)
+                      last_only=last_only and observer is None and i == len(layers) - 1)
         if stop_after is not None:
             return x[:, -1:] if last_only else x
         if last_only:
@@ -220,6 +215,14 @@ class LlamaForCausalLM(nn.Module):
         """(heads, kv heads, head dim, hidden size, RMSNorm eps): what :func:`decode_layers` needs besides weights."""
         c = self.config
         return c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size, c.rms_norm_eps
+
+    def _check_stop(self, stop_after: int | None, cache) -> None:
+        n = len(self.model.layers)
+        if stop_after is not None and not 0 <= stop_after < n:
+            raise ShapeError(f"stop_after={stop_after} is not a layer of this model (0..{n - 1})")
+        if stop_after is not None and cache:
+            raise ShapeError("stop_after runs part of the model: a KV cache would be left with its layers out of "
+                             "step; pass no cache")
 
     def _check_ids(self, ids: torch.Tensor, cache) -> tuple[int, int]:
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.long, torch.int32):

@@ -189,8 +189,9 @@ def test_capture_of_early_layers_runs_only_those_layers_and_changes_no_number(sm
         assert ran == list(range(30))
         for measure in ("mixing", "logit"):
             ran.clear()
-            capture(smollm2, TEXT, measures=[measure], layers=[3])
+            through = capture(smollm2, TEXT, measures=[measure], layers=[3])
             assert ran == list(range(30)), measure
+            assert torch.equal(part.weights, through.weights), measure
     finally:
         for h in hooks:
             h.remove()

@@ -79,13 +79,14 @@ def test_capture_on_the_compact_model_is_the_exact_models(compact, smollm2):
 
 
 def test_capture_reads_no_logits_and_the_forward_can_stop_before_them(compact):
-    """capture's forward stops at the final norm (the measures unembed their own row): the exact unembedding,
-    a dequantisation of the whole 49152 x 576 table, is never run; ``unembed=False`` is the norm's output that
-    the logits are made from."""
+    """capture's forward never runs the exact unembedding, a dequantisation of the whole 49152 x 576 table:
+    weights and norms stop after their deepest layer, mixing (every layer) at the final norm, whose output
+    (``unembed=False``) is what the logits are made from."""
     calls = []
     hook = compact.model.lm_head.register_forward_hook(lambda *a: calls.append(1))
     try:
-        qkv.capture(compact, "He sat on the river's bank", measures=("weights", "norms"))
+        for measures in (("weights", "norms"), ("mixing",)):
+            qkv.capture(compact, "He sat on the river's bank", measures=measures)
         assert calls == []
         ids = torch.tensor([compact.tokenizer.encode("He sat on the river's bank")])
         with torch.inference_mode(), exact_weights(compact.model):
@@ -201,7 +202,7 @@ def test_a_bfloat16_prompt_runs_whole_sublayers_in_bfloat16(monkeypatch, smollm2
         ref = smollm2.model(seq)[0, :-1]
         cache = m.model.make_cache(1, len(ids))
         m.model(seq[:, :120], cache=cache, last_only=True)  # the cache as a full prefill fills it
-        split = m.model(seq[:, 120:], cache=cache, last_only=True)[0, -1]
+        split = m.model(seq[:, 120:], cache=cache)[0, -1]  # 80 rows: bfloat16 as the one-piece prompt's
     assert cache[0].k.dtype == torch.float32 and cache[0].offset == len(ids)
     lp, lq = torch.log_softmax(ref.double(), -1), torch.log_softmax(got.double(), -1)
     kl = float((lp.exp() * (lp - lq)).sum(-1).mean())
