@@ -148,10 +148,10 @@ class LlamaForCausalLM(nn.Module):
             # the same logits to float rounding. Not while an observer reads every layer's queries.
             x = layer(x, mask=mask, cache=cache[i] if cache else None, positions=positions, observer=observer,
                       last_only=last_only and observer is None and i == len(layers) - 1)
-        if stop_after is not None:
-            return x[:, -1:] if last_only else x
         if last_only:
             x = x[:, -1:]
+        if stop_after is not None:
+            return x
         if not unembed:
             return self.model.norm(x)
         return self.lm_head(self.model.norm(x).to(self.model.norm.weight.dtype)).float()  # (B, T, V)
@@ -218,9 +218,11 @@ class LlamaForCausalLM(nn.Module):
 
     def _check_stop(self, stop_after: int | None, cache) -> None:
         n = len(self.model.layers)
-        if stop_after is not None and not 0 <= stop_after < n:
+        if stop_after is None:
+            return
+        if not 0 <= stop_after < n:
             raise ShapeError(f"stop_after={stop_after} is not a layer of this model (0..{n - 1})")
-        if stop_after is not None and cache:
+        if cache:
             raise ShapeError("stop_after runs part of the model: a KV cache would be left with its layers out of "
                              "step; pass no cache")
 
