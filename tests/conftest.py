@@ -20,6 +20,10 @@ os.environ.setdefault("QKV_COMPILE", "0")
 # ... and torch's int4/int8 kernels, whatever this CPU's kind and whatever library a test built: qkv's native
 # operators (tests/weights/test_matvec.py) are opted into where they are tested.
 os.environ.setdefault("QKV_MATVEC", "torch")
+# A `qkv daemon` the user started is never what a test's `qkv` process runs in: tests/test_daemon.py starts its
+# own, under its own XDG_RUNTIME_DIR.
+os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="qkv-test-run-")
+atexit.register(shutil.rmtree, os.environ["XDG_RUNTIME_DIR"], True)
 
 
 @pytest.fixture(scope="session")

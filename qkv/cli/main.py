@@ -33,6 +33,8 @@ SUBCOMMANDS = {
     "embed-space": "a token's nearest tokens in the input embedding, and its hidden state in a text after layer L "
                    "against the same rows",
     "layers": "what each layer does to one position: stream norms, attention/MLP shares, RMSNorm, gate, logit lens",
+    "daemon": "start, stop or ask about a warm background process that runs the quick commands without their "
+              "imports of torch (start it once; they find it)",
 }
 
 
@@ -95,13 +97,22 @@ def entry() -> None:
     thousands of modules and objects — 0.4–0.55 s measured after every command, a sixth of `qkv explain`.
     Nothing is lost: those commands write their files (PNG, HTML, JSON) with their own closes and renames
     before run() returns. ``QKV_CLEAN_EXIT=1`` keeps the ordinary shutdown; so does every other command
-    (train, compile, serve, export: their workers, servers and files finish the usual way)."""
+    (train, compile, serve, export: their workers, servers and files finish the usual way).
+
+    A quick command first looks for a running ``qkv daemon`` (qkv/daemon.py), which runs it in a fork that has
+    torch imported already, and exits with that fork's code; without one, or when it declines, the command
+    runs here."""
     argv = sys.argv[1:]
     clean = os.environ.get("QKV_CLEAN_EXIT", "0")
     if clean not in ("0", "1"):
         print(f"qkv: error: QKV_CLEAN_EXIT={clean!r} is not 0 or 1; fix: set one of those or unset it", file=sys.stderr)
         sys.exit(2)
     if _command(argv) in QUICK_EXIT:
+        from ..daemon import run_in_daemon
+
+        code = run_in_daemon(argv)  # None: no daemon runs, or it declined; the command runs here
+        if code is not None:
+            sys.exit(code)
         pause_gc()  # until the model (or tokenizer) is loaded: startup_done; a command that loads none is short
     try:
         code = main(argv)

@@ -22,7 +22,7 @@ def _qkv(*argv: str, env: dict | None = None, **kw) -> subprocess.CompletedProce
 
 
 def test_a_quick_command_skips_the_teardown_and_keeps_its_output(capsys):
-    assert QUICK_EXIT < set(SUBCOMMANDS) and not QUICK_EXIT & {"train", "compile", "serve", "export"}
+    assert QUICK_EXIT < set(SUBCOMMANDS) and not QUICK_EXIT & {"train", "compile", "serve", "export", "daemon"}
     argv = ["tokenize", "He sat on the river's bank", "--format", "json"]
     assert main(argv) == 0
     want = json.loads(capsys.readouterr().out)

@@ -1,0 +1,101 @@
+"""``qkv daemon start|stop|status``: a warm process for the quick commands (qkv/daemon.py)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+from ..errors import InputError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["start", "stop", "status"],
+                   help="start: import torch and qkv once in a background process, which then runs each quick "
+                        "command (explain, generate, tokenize, ...) in a fresh fork of itself, skipping their "
+                        "imports; stop; status")
+    p.add_argument("--idle", type=float, default=None, metavar="MINUTES",
+                   help="start: stop after this many minutes without a command (default 30)")
+    p.epilog = ("A command finds the daemon by itself and runs in it when its environment matches; otherwise, or "
+                "when none runs, it runs in its own process, with the same result.")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import daemon
+
+    if args.idle is not None and args.action != "start":
+        raise InputError("--idle goes with `qkv daemon start` only")
+    if args.action == "status":
+        return _status(daemon)
+    if args.action == "stop":
+        return _stop(daemon)
+    idle = daemon.DEFAULT_IDLE_MIN if args.idle is None else args.idle
+    if not idle > 0 or idle != idle or idle == float("inf"):
+        raise InputError(f"--idle must be a positive number of minutes, got {args.idle}")
+    return _start(daemon, idle * 60.0)
+
+
+def _status(daemon) -> int:
+    s = daemon.request({"op": "status"})
+    if not s:
+        print("qkv daemon: not running")
+        return 1
+    up = time.time() - s["started"]
+    print(f"qkv daemon: running, pid {s['pid']}, up {up / 60:.1f} min, {s['requests']} commands served, "
+          f"stops after {s['idle_s'] / 60:g} min idle; imports took {s['import_s']:.2f} s; socket {s['socket']}")
+    return 0
+
+
+def _stop(daemon) -> int:
+    path = daemon.socket_path()
+    s = daemon.request({"op": "stop"}, path)
+    if not s:
+        print("qkv daemon: not running")
+        return 0
+    for _ in range(200):  # its socket goes as it leaves
+        if not os.path.exists(path):
+            break
+        time.sleep(0.025)
+    print(f"qkv daemon: stopped (pid {s['stopping']})")
+    return 0
+
+
+def _private_dir(path: str) -> None:
+    """The socket's directory: made 0700, and refused if someone else owns it or others may write to it."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    st = os.stat(path)
+    if st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise InputError(f"{path} is not a directory only you can use (owner uid {st.st_uid}, mode "
+                         f"{st.st_mode & 0o777:o}); fix: `chmod 700 {path}` or remove it")
+
+
+def _start(daemon, idle_s: float) -> int:
+    path = daemon.socket_path()
+    s = daemon.request({"op": "status"}, path)
+    if s:
+        print(f"qkv daemon: already running (pid {s['pid']}); `qkv daemon stop` first to restart it")
+        return 0
+    _private_dir(os.path.dirname(path))
+    if os.path.exists(path):
+        os.unlink(path)  # left by a daemon that was killed: nobody answered on it
+    log = path[:-len(".sock")] + ".log"
+    with open(log, "w") as out:
+        # from /, so that `-m` puts no user directory first on its path: it imports the installed qkv
+        proc = subprocess.Popen([sys.executable, "-m", "qkv.daemon", path, repr(idle_s)], stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
+                                cwd="/")
+    t = time.perf_counter()
+    while proc.poll() is None and time.perf_counter() - t < 300:
+        s = daemon.request({"op": "status"}, path)
+        if s:
+            print(f"qkv daemon: ready in {time.perf_counter() - t:.1f} s (pid {s['pid']}); quick commands now skip "
+                  f"their imports; it stops after {idle_s / 60:g} min idle or with `qkv daemon stop`")
+            return 0
+        time.sleep(0.05)
+    with open(log) as f:
+        tail = [line for line in f.read().splitlines() if line.strip()][-1:] or ["(nothing)"]
+    if proc.poll() is None:
+        proc.terminate()
+    raise InputError(f"the daemon did not start: {tail[0]} (log {log}); fix: the cause above, then start it again")
