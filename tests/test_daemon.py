@@ -16,8 +16,6 @@ from pathlib import Path
 import pytest
 
 from qkv import daemon
-from qkv.cli.daemon import _private_dir
-from qkv.errors import InputError
 
 SENTENCE = "He sat on the river's bank"
 
@@ -61,11 +59,13 @@ def test_a_command_in_the_daemon_is_the_command_run_alone(warm, tmp_path):
         (tmp_path / d).mkdir()
         r = _qkv("explain", SENTENCE, "--token", "bank", "--png", "fig.png", env=env, cwd=tmp_path / d)
         assert r.returncode == 0 and "▶ bank" in r.stdout, r.stderr
-    assert (tmp_path / "b" / "fig.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (tmp_path / "b" / "fig.png").stat().st_size == (tmp_path / "a" / "fig.png").stat().st_size
-    # standard input is the command's too
-    piped = _qkv("tokenize", "-", "--format", "json", env=warm, input=SENTENCE)
-    assert piped.returncode == 0 and piped.stdout == _qkv("tokenize", SENTENCE, "--format", "json", env=alone).stdout
+    assert (tmp_path / "b" / "fig.png").read_bytes() == (tmp_path / "a" / "fig.png").read_bytes()
+    # standard input is the command's too, byte for byte (a fresh process translates no line ends)
+    text = "He sat on the river's bank\r\nand\rwatched"
+    piped = _qkv("tokenize", "-", "--format", "json", env=warm, input=text)
+    assert piped.returncode == 0 and piped.stdout == _qkv("tokenize", "-", "--format", "json", env=alone,
+                                                          input=text).stdout
+    assert json.loads(piped.stdout)["text"] == text
     assert _served(warm) == before + 4  # each of those four ran in the daemon
 
 
@@ -102,26 +102,46 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def _start_generating(env: dict) -> subprocess.Popen:
-    p = subprocess.Popen([sys.executable, "-m", "qkv", "generate", "Once upon a time", "-n", "4000",
-                          "--temperature", "0.8", "--seed", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         env=env)
-    assert p.stdout.read(1), "nothing generated"  # it runs, in the daemon's fork
+def _start_chat(env: dict, daemon_pid: int) -> subprocess.Popen:
+    """`qkv chat` in the daemon's fork, waiting for a message that never comes (its stdin stays open)."""
+    p = subprocess.Popen([sys.executable, "-m", "qkv", "chat"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env=env)
+    deadline = time.time() + 60
+    while not _children(daemon_pid) and time.time() < deadline:
+        time.sleep(0.05)
+    assert _children(daemon_pid), "the chat did not start in the daemon"
     return p
 
 
-def test_ctrl_c_reaches_the_command_and_a_crashed_worker_is_reported(warm):
-    p = _start_generating(warm)
-    p.send_signal(signal.SIGINT)
+def _no_children(pid: int, seconds: float = 20.0) -> bool:
+    deadline = time.time() + seconds
+    while _children(pid) and time.time() < deadline:
+        time.sleep(0.1)
+    return not _children(pid)
+
+
+def test_signals_reach_the_command_and_its_end_is_the_clients(warm):
+    daemon_pid = daemon.request({"op": "status"}, _socket(warm))["pid"]
+    p = _start_chat(warm, daemon_pid)
+    p.send_signal(signal.SIGINT)  # Ctrl-C: the command's own handling, exit 130
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130 and "qkv: interrupted" in err.decode(), err
-    daemon_pid = daemon.request({"op": "status"}, _socket(warm))["pid"]
-    p = _start_generating(warm)
+    assert _no_children(daemon_pid)
+    p = _start_chat(warm, daemon_pid)
+    p.send_signal(signal.SIGTERM)  # the command dies of it, and so does its client, as one process would
+    p.communicate(timeout=60)
+    assert p.returncode == -signal.SIGTERM and _no_children(daemon_pid)
+    p = _start_chat(warm, daemon_pid)
+    p.kill()  # a client killed outright takes its command with it
+    p.wait(timeout=60)
+    assert _no_children(daemon_pid)
+    p.stdin.close()
+    p = _start_chat(warm, daemon_pid)
     (worker,) = _children(daemon_pid)
-    os.kill(worker, signal.SIGKILL)
+    os.kill(worker, signal.SIGKILL)  # the command's process killed on its own: said in one line
     _, err = p.communicate(timeout=60)
     lines = err.decode().strip().splitlines()
-    assert p.returncode == 1 and lines[-1].startswith("qkv: error: the daemon's worker ended"), err
+    assert p.returncode == 1 and lines[-1].startswith("qkv: error: the command's process in the daemon ended"), err
 
 
 def _socket(env: dict) -> str:
@@ -151,30 +171,74 @@ def test_a_killed_or_idle_daemon_leaves_the_commands_working(tmp_path):
     assert stopped.returncode == 0 and "not running" in stopped.stdout
 
 
-def test_changed_code_is_declined_and_stops_the_daemon(tmp_path):
+def test_a_daemon_declines_what_it_cannot_run_as_a_fresh_process(tmp_path):
     (tmp_path / "a.py").write_text("x = 1\n")
     stamp = daemon.source_stamp(str(tmp_path))
     os.utime(tmp_path / "a.py", ns=(1, 1))
     assert daemon.source_stamp(str(tmp_path)) != stamp
     d = daemon.Daemon(str(tmp_path / "d.sock"), 60.0)
-    d.stamp = [0, 0, 0]  # as if qkv's files had changed since it started
+    fresh = {"env": dict(os.environ), **daemon.context()}
+    assert d.decline(fresh) is None
+    cases = {"environment": {"env": dict(os.environ, OMP_NUM_THREADS="7")},
+             "flags": {"flags": [1 - f if i == 0 else f for i, f in enumerate(fresh["flags"])]},
+             "priority": {"nice": fresh["nice"] - 1},
+             "limit": {"limits": dict(fresh["limits"], RLIMIT_NOFILE=[10, d.context["limits"]["RLIMIT_NOFILE"][1] + 1])}}
+    for says, change in cases.items():
+        if says == "limit" and d.context["limits"]["RLIMIT_NOFILE"][1] == -1:
+            continue  # no hard limit to exceed
+        server, client = socket.socketpair()
+        with server, client:
+            assert d.run(server, None, dict(fresh, **change), []) is True  # declined; the daemon serves on
+            assert says in daemon._receive(client)[0]["declined"]
+    d.stamp = [0, 0, 0, []]  # as if qkv's files or the installed packages had changed since it started
     server, client = socket.socketpair()
     with server, client:
-        assert d.run(server, None, {"env": dict(os.environ)}, []) is False  # False: the daemon stops
-        assert "code changed" in daemon._receive(client)[0]["declined"]
-    d.stamp = daemon.source_stamp()
+        assert d.run(server, None, fresh, []) is False  # False: the daemon stops
+        assert "changed" in daemon._receive(client)[0]["declined"]
+
+
+def test_the_wire_keeps_messages_apart():
     server, client = socket.socketpair()
     with server, client:
-        assert d.run(server, None, {"env": dict(os.environ, OMP_NUM_THREADS="7")}, []) is True
-        assert "environment" in daemon._receive(client)[0]["declined"]
+        daemon._send(server, {"pid": 1})
+        daemon._send(server, {"exit": 3})  # both in the socket before the first read
+        assert daemon._receive(client)[0] == {"pid": 1} and daemon._receive(client)[0] == {"exit": 3}
+        r, w = os.pipe()
+        daemon._send(client, {"op": "run", "env": {"X": "y" * 100_000}}, [r, w])  # a large environment
+        message, fds = daemon._receive(server, max_fds=3)
+        assert message["env"]["X"] == "y" * 100_000 and len(fds) == 2
+        for fd in (r, w, *fds):
+            os.close(fd)
+        server.sendall(b"\x7f\xff\xff\xff")
+        with pytest.raises(ValueError, match="bytes"):
+            daemon._receive(client)
+
+
+def test_a_socket_others_could_have_placed_is_never_used(tmp_path):
+    env = _env(tmp_path)
+    run_dir = tmp_path / "qkv"
+    run_dir.mkdir()
+    os.chmod(run_dir, 0o755)  # writable by its owner only, but open to others: not a place to trust
+    planted = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with planted:
+        planted.bind(_socket(env))
+        planted.listen(4)
+        r = _qkv("tokenize", SENTENCE, "--format", "json", env=env)
+        assert r.returncode == 0 and json.loads(r.stdout)["text"] == SENTENCE  # ran in its own process
+        planted.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            planted.accept()  # nobody connected to it
+        started = _qkv("daemon", "start", env=env)
+        assert started.returncode == 2 and "only you can use" in started.stderr, started.stderr
+        assert len(started.stderr.strip().splitlines()) == 1 and "fix: set XDG_RUNTIME_DIR" in started.stderr
+    os.unlink(_socket(env))
+    run_dir.rmdir()
+    (tmp_path / "elsewhere").mkdir(mode=0o700)
+    run_dir.symlink_to(tmp_path / "elsewhere")  # a link, even to a private directory, is refused
+    assert daemon.private_dir_problem(str(run_dir)) == f"{run_dir} is not a directory"
 
 
 def test_bad_input(tmp_path):
-    shared = tmp_path / "shared"
-    shared.mkdir(mode=0o755)
-    os.chmod(shared, 0o755)
-    with pytest.raises(InputError, match="only you can use"):
-        _private_dir(str(shared))
     env = _env(tmp_path)
     for argv, says in ((("status", "--idle", "5"), "--idle goes with"), (("start", "--idle", "0"), "positive"),
                        (("start", "--idle", "nan"), "positive"), (("restart",), "invalid choice")):

@@ -62,22 +62,29 @@ def _stop(daemon) -> int:
     return 0
 
 
-def _private_dir(path: str) -> None:
-    """The socket's directory: made 0700, and refused if someone else owns it or others may write to it."""
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    st = os.stat(path)
-    if st.st_uid != os.getuid() or st.st_mode & 0o077:
-        raise InputError(f"{path} is not a directory only you can use (owner uid {st.st_uid}, mode "
-                         f"{st.st_mode & 0o777:o}); fix: `chmod 700 {path}` or remove it")
+def _private_dir(daemon, path: str) -> None:
+    """The socket's directory: made 0700, and refused if it is a link, someone else's, or open to others."""
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot make {path} for the daemon's socket: {e.strerror}; fix: set XDG_RUNTIME_DIR to "
+                         "a directory only you can use") from None
+    problem = daemon.private_dir_problem(path)
+    if problem:
+        raise InputError(f"{problem}, so the daemon's socket cannot live there; fix: set XDG_RUNTIME_DIR to a "
+                         f"directory only you can use (or remove {path} if it is yours)")
 
 
 def _start(daemon, idle_s: float) -> int:
+    if not daemon.supported():
+        raise InputError("qkv daemon needs Linux (Unix sockets that pass descriptors and name the peer's user); "
+                         "fix: run the commands without it")
     path = daemon.socket_path()
     s = daemon.request({"op": "status"}, path)
     if s:
         print(f"qkv daemon: already running (pid {s['pid']}); `qkv daemon stop` first to restart it")
         return 0
-    _private_dir(os.path.dirname(path))
+    _private_dir(daemon, os.path.dirname(path))
     if os.path.exists(path):
         os.unlink(path)  # left by a daemon that was killed: nobody answered on it
     log = path[:-len(".sock")] + ".log"
@@ -95,7 +102,10 @@ def _start(daemon, idle_s: float) -> int:
             return 0
         time.sleep(0.05)
     with open(log) as f:
-        tail = [line for line in f.read().splitlines() if line.strip()][-1:] or ["(nothing)"]
+        tail = [line for line in f.read().splitlines() if line.strip()][-1:] or ["it wrote nothing"]
     if proc.poll() is None:
         proc.terminate()
-    raise InputError(f"the daemon did not start: {tail[0]} (log {log}); fix: the cause above, then start it again")
+    why = tail[0].removeprefix("qkv daemon: ")
+    if "fix:" not in why:  # a traceback's last line: the log has the rest
+        why += f" (the log: {log}); fix: run the commands without the daemon"
+    raise InputError(f"the daemon did not start: {why}")
