@@ -40,12 +40,24 @@ def run(args: argparse.Namespace) -> int:
 def _status(daemon) -> int:
     s = daemon.request({"op": "status"})
     if not s:
-        print("qkv daemon: not running")
+        last = _last_line(daemon.log_path())
+        print("qkv daemon: not running" + (f" (its log's last line: {last})" if last else ""))
         return 1
     up = time.time() - s["started"]
     print(f"qkv daemon: running, pid {s['pid']}, up {up / 60:.1f} min, {s['requests']} commands served, "
           f"stops after {s['idle_s'] / 60:g} min idle; imports took {s['import_s']:.2f} s; socket {s['socket']}")
+    if s.get("last_declined"):
+        print(f"  the last command it declined (and left to run on its own): {s['last_declined']}")
     return 0
+
+
+def _last_line(log: str) -> str | None:
+    try:
+        with open(log) as f:
+            lines = [line for line in f.read().splitlines() if line.strip()]
+    except OSError:
+        return None
+    return lines[-1] if lines else None
 
 
 def _stop(daemon) -> int:
@@ -87,7 +99,7 @@ def _start(daemon, idle_s: float) -> int:
     _private_dir(daemon, os.path.dirname(path))
     if os.path.exists(path):
         os.unlink(path)  # left by a daemon that was killed: nobody answered on it
-    log = path[:-len(".sock")] + ".log"
+    log = daemon.log_path(path)
     with open(log, "w") as out:
         # from /, so that `-m` puts no user directory first on its path: it imports the installed qkv
         proc = subprocess.Popen([sys.executable, "-m", "qkv.daemon", path, repr(idle_s)], stdin=subprocess.DEVNULL,
@@ -101,11 +113,9 @@ def _start(daemon, idle_s: float) -> int:
                   f"their imports; it stops after {idle_s / 60:g} min idle or with `qkv daemon stop`")
             return 0
         time.sleep(0.05)
-    with open(log) as f:
-        tail = [line for line in f.read().splitlines() if line.strip()][-1:] or ["it wrote nothing"]
     if proc.poll() is None:
         proc.terminate()
-    why = tail[0].removeprefix("qkv daemon: ")
+    why = (_last_line(log) or "it wrote nothing").removeprefix("qkv daemon: ")
     if "fix:" not in why:  # a traceback's last line: the log has the rest
         why += f" (the log: {log}); fix: run the commands without the daemon"
     raise InputError(f"the daemon did not start: {why}")
