@@ -70,11 +70,11 @@ def _exchange(sock: socket.socket, message: dict) -> int | None:
             return None
         if not reply or "pid" not in reply:
             return None  # declined: the command runs here, the same way
-        relay = _Relay(int(reply["pid"]), message["ignored"])
         try:
             send(sock, {"go": True})
-        except OSError:
+        except OSError:  # gone: without our "go" the command did not run
             return None
+        relay = _Relay(int(reply["pid"]), message["ignored"])  # only now: a command run here keeps Python's own
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # one that came meanwhile is passed on now
     sock.settimeout(None)

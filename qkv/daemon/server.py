@@ -116,7 +116,7 @@ class Daemon:
                 try:
                     if not self.answer(conn, listener):
                         return
-                except (OSError, ValueError, KeyError, TypeError) as e:  # a malformed request: on to the next
+                except (OSError, ValueError, LookupError, TypeError, AttributeError) as e:  # malformed: on to the next
                     print(f"qkv daemon: a request failed: {e!r}", flush=True)
 
     def answer(self, conn: socket.socket, listener: socket.socket) -> bool:
