@@ -1,4 +1,4 @@
-"""``qkv daemon start|stop|status``: a warm process for the quick commands (qkv/daemon.py)."""
+"""``qkv daemon start|stop|status``: a warm process for the quick commands (qkv/daemon/)."""
 
 from __future__ import annotations
 

@@ -99,7 +99,7 @@ def entry() -> None:
     before run() returns. ``QKV_CLEAN_EXIT=1`` keeps the ordinary shutdown; so does every other command
     (train, compile, serve, export: their workers, servers and files finish the usual way).
 
-    A quick command first looks for a running ``qkv daemon`` (qkv/daemon.py), which runs it in a fork that has
+    A quick command first looks for a running ``qkv daemon`` (qkv/daemon/), which runs it in a fork that has
     torch imported already, and exits with that fork's code; without one, or when it declines, the command
     runs here."""
     argv = sys.argv[1:]
