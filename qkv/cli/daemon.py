@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "stop":
         return _stop(daemon)
     idle = daemon.DEFAULT_IDLE_MIN if args.idle is None else args.idle
-    if not idle > 0 or idle != idle or idle == float("inf"):
+    if not 0 < idle < float("inf"):  # NaN fails both
         raise InputError(f"--idle must be a positive number of minutes, got {args.idle}")
     return _start(daemon, idle * 60.0)
 
